@@ -1,0 +1,17 @@
+"""Exceptions that carry a user-facing message naming the field, file or value at fault."""
+
+
+class LitEntropyError(Exception):
+    """Base class: the CLI prints these as one line (``lit-entropy: error: ...``) and exits 2."""
+
+
+class ConfigError(LitEntropyError, ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class DataError(LitEntropyError, ValueError):
+    """A dataset file or row cannot be used (missing file, empty file, missing field)."""
+
+
+class ModelLoadError(LitEntropyError, FileNotFoundError):
+    """A model or tokenizer folder is missing or unusable."""
