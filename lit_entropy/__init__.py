@@ -1,0 +1,37 @@
+"""lit_entropy: PyTorch Lightning RL fine-tuning of language models that keeps the policy's entropy alive."""
+
+from lit_entropy.data import CountdownDataModule, PromptDataModule
+from lit_entropy.embedded import EmbeddedModel
+from lit_entropy.errors import ConfigError, DataError, LitEntropyError, ModelLoadError
+from lit_entropy.loss import Loss
+from lit_entropy.model import LoRA, Policy, Quantization
+from lit_entropy.module import GRPO
+from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer
+from lit_entropy.rewards import Reward
+from lit_entropy.rollout import Rollout, Sampling
+from lit_entropy.sft import SFT
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRPO",
+    "SFT",
+    "Adjustment",
+    "ConfigError",
+    "CountdownDataModule",
+    "DataError",
+    "EmbeddedModel",
+    "LitEntropyError",
+    "LoRA",
+    "Loss",
+    "MinibatchView",
+    "ModelLoadError",
+    "Overrides",
+    "Policy",
+    "PromptDataModule",
+    "Quantization",
+    "Regularizer",
+    "Reward",
+    "Rollout",
+    "Sampling",
+]

@@ -1,0 +1,3 @@
+from lit_entropy.cli import main
+
+main()

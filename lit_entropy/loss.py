@@ -1,0 +1,120 @@
+"""The policy objective of one micro-batch: clipped surrogate + regularizer adjustments + optional KL.
+
+The maths lives in `lit_entropy.functional`; this file only composes it with the regularizer contract.
+Shapes: ``n`` sequences in the micro-batch, ``T`` completion length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lit_entropy.errors import ConfigError
+from lit_entropy.functional import (
+    AdvantageMode,
+    KLEstimator,
+    LossAggregation,
+    aggregate_loss,
+    clipped_surrogate,
+    kl_penalty,
+)
+from lit_entropy.regularizer import MinibatchView, Regularizer, combine, total_loss_terms
+
+
+@dataclass
+class Loss:
+    """The GRPO/PPO objective's options (names as in verl and TRL).
+
+    Args:
+        advantage: ``grpo`` (group-normalised), ``dr_grpo`` (no std scaling), ``rloo`` (leave-one-out baseline).
+        advantage_scale: divide advantages by the ``group`` std, the ``batch`` std, or ``none``.
+        eps_low: lower clip range, ratio clamped at ``1 - eps_low``.
+        eps_high: upper clip range, ratio clamped at ``1 + eps_high`` (DAPO clip-higher: 0.28).
+        dual_clip: cap the loss of negative-advantage tokens at ``-A * dual_clip`` (> 1), or None.
+        kl_coef: weight of the per-token KL to the reference (adapters off); 0 skips the reference pass.
+        kl_estimator: ``k1``, ``k2`` or ``k3``.
+        aggregation: how per-token losses become one number; ``token-mean`` is the exact token mean of the
+            optimizer mini-batch even when it is split into micro-batches.
+    """
+
+    advantage: AdvantageMode = "grpo"
+    advantage_scale: str = "group"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    aggregation: LossAggregation = "token-mean"
+
+    def validate(self) -> None:
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ConfigError(
+                f"loss.advantage_scale must be 'group', 'batch' or 'none', got {self.advantage_scale!r}"
+            )
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ConfigError(f"loss.eps_low and loss.eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"loss.dual_clip must be > 1 (or null), got {self.dual_clip}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+
+
+@dataclass
+class MicrobatchLoss:
+    """The loss of one micro-batch and what it is made of (all detached except ``loss``)."""
+
+    loss: Tensor  # scalar, with gradient
+    policy_loss: Tensor  # scalar
+    kl: Tensor | None  # [n, T] per-token KL, or None
+    clipped_low: Tensor  # [n, T] bool
+    clipped_high: Tensor  # [n, T] bool
+    loss_terms: dict[str, Tensor]
+    metrics: dict[str, Tensor | float]
+
+
+def microbatch_loss(
+    loss: Loss, view: MinibatchView, regularizers: Sequence[Regularizer], max_length: int
+) -> MicrobatchLoss:
+    """Loss of one micro-batch, normalised by the whole mini-batch (summing over micro-batches gives its loss).
+
+    Per token: ``w * surrogate(A', eps_low', eps_high') + penalties + kl_coef * KL``, where ``A'`` and the clip
+    range may be overridden by one regularizer each, ``w`` is the product of the regularizers' weights and
+    ``penalties`` their sum; then aggregated by ``loss.aggregation``, plus the regularizers' scalar terms.
+    """
+    combined = combine(regularizers, view)
+    surrogate, clipped_low, clipped_high = clipped_surrogate(
+        view.logprobs,
+        view.old_logprobs,
+        combined.advantages,
+        eps_low=combined.eps_low,
+        eps_high=combined.eps_high,
+        dual_clip=loss.dual_clip,
+    )  # [n, T]
+    token_loss = surrogate if combined.token_weights is None else surrogate * combined.token_weights
+    if combined.token_penalties is not None:
+        token_loss = token_loss + combined.token_penalties
+    kl = None
+    if loss.kl_coef > 0 and view.ref_logprobs is not None:
+        kl = kl_penalty(view.logprobs, view.ref_logprobs, loss.kl_estimator)  # [n, T]
+        token_loss = token_loss + loss.kl_coef * kl
+    aggregated = aggregate_loss(
+        token_loss,
+        view.mask,
+        loss.aggregation,
+        num_tokens=view.num_tokens,
+        num_sequences=view.num_sequences,
+        max_length=max_length,
+    )
+    terms = total_loss_terms(combined.loss_terms, aggregated)
+    return MicrobatchLoss(
+        loss=aggregated + terms,
+        policy_loss=aggregated.detach(),
+        kl=None if kl is None else kl.detach(),
+        clipped_low=clipped_low,
+        clipped_high=clipped_high,
+        loss_terms={key: value.detach() for key, value in combined.loss_terms.items()},
+        metrics=combined.metrics,
+    )
+

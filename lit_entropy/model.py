@@ -1,0 +1,345 @@
+"""The policy: a Hugging Face causal LM, optionally 4-bit quantized, trained through LoRA adapters.
+
+The reference policy of the KL term is the same base model with its adapters switched off
+(:func:`reference_context`), so it costs no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_entropy.embedded import EmbeddedModel
+from lit_entropy.errors import ConfigError, ModelLoadError
+from lit_entropy.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+DType = Literal["float32", "bfloat16", "float16"]
+QuantType = Literal["nf4", "fp4"]
+
+
+@dataclass
+class LoRA:
+    """Low-rank adapters (peft) on the policy's linear layers.
+
+    Attributes:
+        r: Rank of each adapter (>= 1).
+        alpha: Scaling numerator; the adapter output is multiplied by ``alpha / r``.
+        dropout: Dropout probability on the adapter input, in [0, 1).
+        target_modules: Module names to adapt, or ``"all-linear"`` for every linear layer but the output head.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class Quantization:
+    """4-bit weights through transformers' ``BitsAndBytesConfig`` (needs ``lit-entropy[4bit]``).
+
+    Attributes:
+        quant_type: 4-bit data type: ``"nf4"`` (normal float) or ``"fp4"``.
+        double_quant: Also quantize the per-block scales (saves about 0.4 bit per weight).
+        compute_dtype: Dtype the 4-bit weights are dequantized to for matrix products.
+    """
+
+    quant_type: QuantType = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "bfloat16"
+
+
+@dataclass
+class Policy:
+    """Where the policy comes from and how it is trained.
+
+    Attributes:
+        path: Local folder with ``config.json``, the weights and the tokenizer files.
+        tokenizer_path: Folder of the tokenizer; default: ``path``.
+        dtype: Dtype of the weights that are not quantized.
+        quantization: Load the base weights in 4 bits; requires ``lora``.
+        lora: Adapters to train; None trains every parameter (full fine-tuning).
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
+        trust_remote_code: Allow model and tokenizer folders that ship their own Python code.
+        embedded: Build the embedded tiny model (and warm it up) instead of loading ``path``.
+    """
+
+    path: str | None = None
+    tokenizer_path: str | None = None
+    dtype: DType = "float32"
+    quantization: Quantization | None = None
+    lora: LoRA | None = field(default_factory=LoRA)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    embedded: EmbeddedModel | None = None
+
+    def validate(self) -> None:
+        """Check the settings without loading anything.
+
+        Raises:
+            ConfigError: A value is missing, out of range or inconsistent; the message names the field.
+            ModelLoadError: The model or tokenizer folder is missing, or the model folder has no config.json.
+        """
+        if self.embedded is not None and self.path is not None:
+            raise ConfigError("set either policy.path or policy.embedded, not both")
+        if self.embedded is not None:
+            self.embedded.validate()
+        elif self.path is None:
+            raise ConfigError(
+                "policy.path is required: a local folder with config.json, the weights and tokenizer files "
+                "(or policy.embedded for the built-in tiny model)"
+            )
+        else:
+            folder = Path(self.path)
+            if not folder.is_dir():
+                raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist")
+            if not (folder / "config.json").is_file():
+                raise ModelLoadError(f"policy.path: model folder '{self.path}' has no config.json")
+        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
+            raise ModelLoadError(
+                f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
+            )
+        _check_choice("policy.dtype", self.dtype, DType)
+
+        if self.lora is not None:
+            lora = self.lora
+            if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+                raise ConfigError(f"policy.lora.r must be an integer >= 1, got {lora.r!r}")
+            if not lora.alpha > 0:
+                raise ConfigError(f"policy.lora.alpha must be > 0, got {lora.alpha!r}")
+            if not 0.0 <= lora.dropout < 1.0:
+                raise ConfigError(f"policy.lora.dropout must be in [0, 1), got {lora.dropout!r}")
+            targets = lora.target_modules
+            if isinstance(targets, str):
+                targets_ok = bool(targets)
+            else:
+                targets_ok = bool(targets) and all(isinstance(name, str) and name for name in targets)
+            if not targets_ok:
+                raise ConfigError(
+                    "policy.lora.target_modules must be 'all-linear' or a non-empty list of module names, "
+                    f"got {targets!r}"
+                )
+
+        if self.quantization is not None:
+            _check_choice("policy.quantization.quant_type", self.quantization.quant_type, QuantType)
+            _check_choice("policy.quantization.compute_dtype", self.quantization.compute_dtype, DType)
+            if self.lora is None:
+                raise ConfigError(
+                    "policy.quantization needs policy.lora: 4-bit weights cannot be trained, only adapters "
+                    "on top of them (set policy.lora, or drop policy.quantization for full fine-tuning)"
+                )
+
+
+def _check_choice(name: str, value: object, choices: object) -> None:
+    """Raise ConfigError naming ``name`` when ``value`` is not one of the ``Literal`` ``choices``."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _bits_and_bytes_config(quantization: Quantization) -> BitsAndBytesConfig:
+    """Build transformers' ``BitsAndBytesConfig``; bitsandbytes is imported only here."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("policy.quantization needs bitsandbytes: pip install 'lit-entropy[4bit]'") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+    )
+
+
+def load_policy(
+    policy: Policy, device: torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the policy model and its tokenizer.
+
+    Args:
+        policy: What to load; validated first.
+        device: Where the model should live. A quantized model is placed there at load time only on CUDA
+            (bitsandbytes places 4-bit weights while loading); otherwise the model is moved after loading.
+            None leaves it on the CPU (Lightning moves it later).
+
+    Returns:
+        ``(model, tokenizer)``. With LoRA the model is a ``peft.PeftModel`` whose only trainable parameters
+        are the adapters; without LoRA every parameter is trainable. ``model.config.use_cache`` is True so
+        generation uses the KV cache.
+
+    Raises:
+        ConfigError: Invalid settings, or quantization requested without bitsandbytes installed.
+        ModelLoadError: Missing folders or files, or weights that cannot be loaded.
+    """
+    if policy.embedded is not None:
+        from lit_entropy.embedded import prepare_embedded_model
+
+        policy = dataclasses.replace(policy, path=prepare_embedded_model(policy.embedded), embedded=None)
+    policy.validate()
+    assert policy.path is not None  # validate() guarantees it; narrows the type
+    tokenizer = load_tokenizer(
+        policy.tokenizer_path or policy.path, trust_remote_code=policy.trust_remote_code
+    )
+
+    kwargs: dict = {"dtype": getattr(torch, policy.dtype), "trust_remote_code": policy.trust_remote_code}
+    quantized = policy.quantization is not None
+    if policy.quantization is not None:
+        kwargs["quantization_config"] = _bits_and_bytes_config(policy.quantization)
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device_map"] = {"": torch.device(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(policy.path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"policy.path: could not load the model in '{policy.path}': {err}") from err
+    if device is not None and not quantized:
+        model = model.to(device)
+
+    # Reentrant checkpointing returns no gradient through a block whose inputs do not require grad (the
+    # frozen embeddings under LoRA); non-reentrant checkpointing has no such trap.
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=policy.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif policy.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        if policy.lora is not None:
+            # The embeddings are frozen under LoRA; making their output require grad keeps a graph through
+            # every checkpointed block even if a caller switches to reentrant checkpointing.
+            model.enable_input_require_grads()
+
+    if policy.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = policy.lora
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+        model = get_peft_model(model, config)
+    else:
+        model.requires_grad_(True)
+
+    # Checkpointing helpers may turn the KV cache off; generation needs it (HF disables it by itself in
+    # training-mode forwards under checkpointing).
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def reference_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which ``model`` computes the reference policy: the same base with its adapters disabled.
+
+    Args:
+        model: The policy returned by :func:`load_policy` with LoRA (a ``peft.PeftModel``).
+
+    Returns:
+        A context manager; forwards inside it use the base weights only.
+
+    Raises:
+        ConfigError: The model has no adapters, so there is no frozen base to compare with.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.disable_adapter()
+    raise ConfigError("a reference policy needs LoRA adapters: set policy.lora or kl_coef: 0")
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that require grad, in ``model.parameters()`` order (what the optimizer should get)."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def build_tiny_causal_lm(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    model_type: Literal["qwen2", "llama"] = "qwen2",
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Build a small randomly initialised causal LM from a config, for tests and benchmarks (no hub).
+
+    The global RNG is left untouched: initialisation runs on the CPU inside ``torch.random.fork_rng`` with
+    only the CPU generator seeded, so the same ``seed`` gives the same weights on any machine.
+
+    Args:
+        vocab_size: Number of token ids V.
+        hidden_size: Width of the residual stream; divisible by ``num_heads``.
+        num_layers: Number of transformer blocks.
+        num_heads: Attention heads (also the key/value heads: no grouped-query attention).
+        intermediate_size: Width of the MLP; default ``4 * hidden_size``.
+        max_position_embeddings: Longest sequence (prompt + completion) in tokens.
+        model_type: Architecture: ``"qwen2"`` or ``"llama"``.
+        pad_token_id: Id of the padding token.
+        eos_token_id: Id of the end-of-sequence token.
+        tie_word_embeddings: Share the input embedding with the output head.
+        seed: Seed of the initialisation.
+
+    Returns:
+        The model in float32 on the CPU.
+
+    Raises:
+        ConfigError: Sizes that do not fit together, or an unknown ``model_type``.
+    """
+    from transformers import LlamaConfig, Qwen2Config
+
+    configs = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+    if model_type not in configs:
+        raise ConfigError(f"model_type must be one of {', '.join(map(repr, configs))}, got {model_type!r}")
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    config = configs[model_type](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+        use_cache=True,
+    )
+    # The CPU device context overrides a surrounding default device (e.g. Lightning's init context), and
+    # seeding only the CPU generator avoids torch.manual_seed's lazy reseeding of the CUDA generators.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.random.default_generator.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model

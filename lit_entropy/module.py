@@ -1,0 +1,470 @@
+"""`GRPO`: the LightningModule of GRPO-style RL over a (LoRA / 4-bit) Hugging Face policy.
+
+One ``training_step`` is one RL iteration (manual optimization):
+
+    prompts [B] -> G completions each (no grad)                      -> Rollout [N = B*G]
+               -> rewards [N] -> group advantages [N]
+               -> old log-probs (skipped when fully on-policy), reference log-probs (only if kl_coef > 0)
+               -> for each of ppo_epochs, for each mini-batch (micro-batches accumulate gradients):
+                    fp32 log-probs + entropy -> clipped surrogate + regularizers -> backward
+                  -> clip gradients -> optimizer step -> scheduler step
+               -> log rollout/*, train/*, reg/*; return iteration statistics to the callbacks
+
+Shapes: ``B`` prompts, ``G`` completions per prompt, ``N = B*G``, ``T`` completion length, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lit_entropy.errors import ConfigError
+from lit_entropy.functional import group_advantages, token_logprobs_and_entropy, zero_std_fraction
+from lit_entropy.loss import Loss, microbatch_loss
+from lit_entropy.model import Policy, load_policy, reference_context, trainable_parameters
+from lit_entropy.prompts import render_prompt
+from lit_entropy.regularizer import MinibatchView, Regularizer, find_regularizers
+from lit_entropy.rewards import Reward, RewardScorer
+from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
+
+log = logging.getLogger(__name__)
+
+
+class GRPO(LightningModule):
+    """GRPO / PPO-clip RL fine-tuning of a causal LM; entropy control plugs in as `Regularizer` callbacks.
+
+    Args:
+        policy: the model to train (local folder or the embedded tiny model), its LoRA and 4-bit options.
+        rewards: reward functions by import path, with weights; their weighted sum is the reward.
+        sampling: rollout options (``group_size`` G, ``max_new_tokens``, temperature, top-p, top-k).
+        loss: objective options (advantages, clip range, KL, aggregation).
+        ppo_epochs: passes over each rollout.
+        minibatch_size: sequences per optimizer update (default: the whole rollout, N).
+        microbatch_size: sequences per forward/backward; gradients accumulate (default: the mini-batch).
+        learning_rate: AdamW learning rate when ``optimizer`` is not given.
+        optimizer: optimizer factory (LightningCLI ``class_path`` form); gets only trainable parameters.
+        lr_scheduler: scheduler factory, stepped after every optimizer update.
+        max_grad_norm: gradient clipping by global norm (None = off).
+        reward_on_error: the score of a completion whose reward function raised.
+        chat_template: apply the tokenizer's chat template (None = when it has one).
+        system_prompt: system message (chat) or prefix (plain prompts).
+        val_num_samples: sampled completions per validation prompt for ``val/reward`` (0 = greedy only).
+        adapter_dir: where the adapter is saved in peft format at the end of fit (default: ``<log_dir>/adapter``).
+        seed: seeds the shuffling of rollouts into mini-batches.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        rewards: list[Reward],
+        sampling: Sampling | None = None,
+        loss: Loss | None = None,
+        ppo_epochs: int = 1,
+        minibatch_size: int | None = None,
+        microbatch_size: int | None = None,
+        learning_rate: float = 1e-5,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        reward_on_error: float = 0.0,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        val_num_samples: int = 4,
+        adapter_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        # checkpoints carry only trainable (adapter) weights; the frozen base is reloaded from its folder
+        self.strict_loading = False
+        self.policy_config = policy
+        self.sampling = sampling or Sampling()
+        self.loss_config = loss or Loss()
+        self.ppo_epochs = ppo_epochs
+        self.minibatch_size = minibatch_size
+        self.microbatch_size = microbatch_size
+        self.learning_rate = learning_rate
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.val_num_samples = val_num_samples
+        self.adapter_dir = adapter_dir
+        self.seed = seed
+        self._validate()
+        self.reward_scorer = RewardScorer(rewards, on_error=reward_on_error)
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self._regularizers: list[Regularizer] = []
+        self._shuffle = torch.Generator().manual_seed(seed)
+        # torchmetrics reduce across ranks correctly (sums and counts, not means of means)
+        self.train_entropy = MeanMetric(dist_sync_on_step=True)
+        self.train_reward = MeanMetric(dist_sync_on_step=True)
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.test_accuracy = MeanMetric()
+        self.test_reward = MeanMetric()
+
+    def _validate(self) -> None:
+        self.policy_config.validate()
+        self.sampling.validate()
+        self.loss_config.validate()
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        for name in ("minibatch_size", "microbatch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
+            raise ConfigError("loss.kl_coef > 0 needs a reference policy: set policy.lora (adapters off = reference)")
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        parameters = trainable_parameters(self.policy)
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(parameters)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    @override
+    def on_fit_start(self) -> None:
+        self._regularizers = find_regularizers(self.trainer.callbacks)
+        rank_zero_info(
+            f"lit_entropy: {self.updates_per_iteration(self._rollout_size())} optimizer update(s) per RL iteration; "
+            f"regularizers: {[r.name for r in self._regularizers] or 'none'}"
+        )
+
+    def _rollout_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        return (batch_size or 1) * self.sampling.group_size
+
+    def updates_per_iteration(self, num_sequences: int) -> int:
+        """``ppo_epochs * minibatches``; 1 means fully on-policy (old log-probs == current, ratio == 1)."""
+        return self.ppo_epochs * (num_sequences // self._minibatch(num_sequences))
+
+    def _minibatch(self, num_sequences: int) -> int:
+        size = self.minibatch_size or num_sequences
+        if num_sequences % size:
+            raise ConfigError(
+                f"minibatch_size={size} must divide the rollout size N = prompts x group_size = {num_sequences}"
+            )
+        return size
+
+    def _microbatch(self, minibatch: int) -> int:
+        size = min(self.microbatch_size or minibatch, minibatch)
+        if minibatch % size:
+            raise ConfigError(f"microbatch_size={size} must divide minibatch_size={minibatch}")
+        return size
+
+    # ------------------------------------------------------------------ forward passes
+
+    def sequence_logprobs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """fp32 log-probs and entropy of the completion tokens: ``([n, T], [n, T])`` (padded to the rollout's T).
+
+        Logits are kept only for the completion positions (``logits_to_keep``) and divided by the sampling
+        temperature, so entropy is that of the distribution that was actually sampled.
+        """
+        completion_length = batch.completion_ids.shape[1]
+        outputs = self.policy(**batch.model_inputs(), logits_to_keep=completion_length + 1, use_cache=False)
+        logits = outputs.logits[:, :-1]  # [n, T', V]: position t predicts completion token t
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch.completion_ids, self.sampling.temperature)
+        return batch.pad_to_rollout(logprobs), batch.pad_to_rollout(entropy)
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, rollout: Rollout, microbatch: int, reference: bool = False) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropy of every rollout row without gradient, ``[N, T]`` each."""
+        was_training = self.policy.training
+        self.policy.eval()
+        logprobs, entropies = [], []
+        try:
+            for start in range(0, rollout.num_sequences, microbatch):
+                rows = torch.arange(start, min(start + microbatch, rollout.num_sequences))
+                batch = rollout.select(rows)
+                if reference:
+                    with reference_context(self.policy):
+                        lp, ent = self.sequence_logprobs(batch)
+                else:
+                    lp, ent = self.sequence_logprobs(batch)
+                logprobs.append(lp)
+                entropies.append(ent)
+        finally:
+            self.policy.train(was_training)
+        return torch.cat(logprobs), torch.cat(entropies)
+
+    # ------------------------------------------------------------------ the RL iteration
+
+    def generate(self, examples: Sequence[Mapping[str, Any]], greedy: bool = False, num_samples: int | None = None):
+        """Render the prompts of ``examples`` and sample completions (policy in eval mode, no gradient)."""
+        prompts = [
+            render_prompt(example["prompt"], self.tokenizer, self.chat_template, self.system_prompt)
+            for example in examples
+        ]
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return generate_rollout(
+                self.policy, self.tokenizer, prompts, examples, self.sampling, self.device, greedy, num_samples
+            )
+        finally:
+            self.policy.train(was_training)
+
+    @override
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Tensor]:
+        started = time.perf_counter()
+        rollout = self.generate(batch)
+        scores = self.reward_scorer(rollout.completions, rollout.examples)
+        rewards = scores.total.to(self.device)  # [N]
+        group = self.sampling.group_size
+        advantages = group_advantages(
+            rewards, group, self.loss_config.advantage, self.loss_config.advantage_scale
+        )  # [N]
+        mask = rollout.completion_mask  # [N, T]
+        token_advantages = advantages[:, None].expand_as(mask).float()  # [N, T]
+
+        num_sequences = rollout.num_sequences
+        minibatch = self._minibatch(num_sequences)
+        microbatch = self._microbatch(minibatch)
+        updates = self.updates_per_iteration(num_sequences)
+        on_policy = updates == 1
+        old_logprobs = None if on_policy else self._logprobs_no_grad(rollout, microbatch)[0]
+        ref_logprobs = None
+        if self.loss_config.kl_coef > 0:
+            ref_logprobs = self._logprobs_no_grad(rollout, microbatch, reference=True)[0]
+
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        needs_stats = any(r.needs_minibatch_stats for r in self._regularizers)
+        needs_entropy_grad = any(r.needs_entropy_grad for r in self._regularizers)
+        sums = _IterationSums(self.device)
+        first_epoch_entropy = torch.zeros_like(mask, dtype=torch.float32)
+        update = 0
+        for epoch in range(self.ppo_epochs):
+            order = torch.randperm(num_sequences, generator=self._shuffle) if updates > 1 else torch.arange(num_sequences)
+            for mb_start in range(0, num_sequences, minibatch):
+                mb_rows = order[mb_start : mb_start + minibatch].to(self.device)
+                mb_mask = mask[mb_rows]
+                num_tokens = mb_mask.sum()
+                mb_stats = (None, None)
+                if needs_stats and microbatch < minibatch:
+                    mb_stats = self._minibatch_stats(rollout, mb_rows, microbatch)
+                for mc_start in range(0, minibatch, microbatch):
+                    rows = mb_rows[mc_start : mc_start + microbatch]
+                    logprobs, entropy = self.sequence_logprobs(rollout.select(rows))
+                    if not needs_entropy_grad:
+                        entropy = entropy.detach()
+                    mb_logprobs, mb_entropy = mb_stats
+                    if needs_stats and mb_logprobs is None:  # the micro-batch is the whole mini-batch
+                        mb_logprobs, mb_entropy = logprobs.detach(), entropy.detach()
+                    view = MinibatchView(
+                        logprobs=logprobs,
+                        old_logprobs=logprobs.detach() if on_policy else old_logprobs[rows],
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                        entropy=entropy,
+                        advantages=token_advantages[rows],
+                        mask=mask[rows],
+                        num_tokens=num_tokens,
+                        num_sequences=minibatch,
+                        eps_low=self.loss_config.eps_low,
+                        eps_high=self.loss_config.eps_high,
+                        iteration=batch_idx,
+                        update=update,
+                        updates_per_iteration=updates,
+                        microbatch_rows=slice(mc_start, mc_start + len(rows)),
+                        minibatch_logprobs=mb_logprobs,
+                        minibatch_entropy=mb_entropy,
+                        minibatch_advantages=token_advantages[mb_rows] if needs_stats else None,
+                        minibatch_mask=mb_mask if needs_stats else None,
+                    )
+                    result = microbatch_loss(self.loss_config, view, self._regularizers, self.sampling.max_new_tokens)
+                    self.manual_backward(result.loss)
+                    sums.add(result, view.mask)
+                    if epoch == 0:
+                        first_epoch_entropy[rows] = entropy.detach()
+                sums.grad_norm += self._step(optimizer, scheduler)
+                update += 1
+
+        elapsed = time.perf_counter() - started
+        entropy_mean = self.train_entropy(first_epoch_entropy[mask])
+        self.train_reward(rewards)
+        stats = self._log_iteration(rollout, scores, rewards, sums, updates, elapsed, group)
+        return {"entropy": entropy_mean.detach(), "reward": rewards.mean(), **stats}
+
+    @torch.no_grad()
+    def _minibatch_stats(self, rollout: Rollout, rows: Tensor, microbatch: int) -> tuple[Tensor, Tensor]:
+        """Detached current log-probs and entropy of a whole mini-batch (for batch-scope token selection)."""
+        logprobs, entropies = [], []
+        for start in range(0, len(rows), microbatch):
+            lp, ent = self.sequence_logprobs(rollout.select(rows[start : start + microbatch]))
+            logprobs.append(lp)
+            entropies.append(ent)
+        return torch.cat(logprobs), torch.cat(entropies)
+
+    def _step(self, optimizer: Any, scheduler: Any) -> Tensor:
+        """Clip, step, zero, schedule; returns the gradient norm before clipping."""
+        grads = [p.grad for p in trainable_parameters(self.policy) if p.grad is not None]
+        grad_norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if grads
+            else torch.zeros((), device=self.device)
+        )
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return grad_norm.detach()
+
+    def _log_iteration(
+        self,
+        rollout: Rollout,
+        scores: Any,
+        rewards: Tensor,
+        sums: _IterationSums,
+        updates: int,
+        elapsed: float,
+        group: int,
+    ) -> dict[str, Tensor]:
+        mask = rollout.completion_mask
+        lengths = mask.sum(-1).float()
+        tokens = mask.sum()
+        stats = {
+            "rollout/reward_mean": rewards.mean(),
+            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            "rollout/completion_length": lengths.mean(),
+            "rollout/truncated_frac": rollout.truncated.float().mean(),
+            "rollout/frac_zero_std": zero_std_fraction(rewards, group),
+            "rollout/reward_errors": torch.tensor(float(scores.num_errors)),
+            "train/loss": sums.loss / updates,
+            "train/clip_frac_low": sums.clipped_low / sums.tokens.clamp(min=1),
+            "train/clip_frac_high": sums.clipped_high / sums.tokens.clamp(min=1),
+            "train/grad_norm": sums.grad_norm / updates,
+            "train/tokens_per_sec": tokens.float() / max(elapsed, 1e-9),
+            "train/updates": torch.tensor(float(updates)),
+        }
+        for name, values in scores.per_function.items():
+            stats[f"rollout/reward/{name}"] = values.mean()
+        if sums.kl_tokens > 0:
+            stats["train/kl"] = sums.kl / sums.kl_tokens
+        for key, value in sums.terms.items():
+            stats[f"train/term/{key}"] = value / updates
+        for key, (total, count) in sums.metrics.items():
+            stats[key] = total / count
+        stats = {key: torch.as_tensor(value, dtype=torch.float32).detach().to(self.device) for key, value in stats.items()}
+        self.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(rollout.examples) // group)
+        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/reward", self.train_reward, on_step=True, on_epoch=False, prog_bar=True)
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+
+    @override
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_accuracy, self.val_reward, "val")
+
+    @override
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_accuracy, self.test_reward, "test")
+
+    def _evaluate(self, batch: list[dict[str, Any]], accuracy: MeanMetric, reward: MeanMetric, stage: str) -> None:
+        """Accuracy of greedy answers (the first reward function's value) and mean reward of sampled ones."""
+        greedy = self.generate(batch, greedy=True, num_samples=1)
+        first = self.reward_scorer.names[0]
+        accuracy.update(self.reward_scorer(greedy.completions, greedy.examples).per_function[first])
+        self.log(f"{stage}/accuracy", accuracy, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        if self.val_num_samples > 0:
+            sampled = self.generate(batch, num_samples=self.val_num_samples)
+            reward.update(self.reward_scorer(sampled.completions, sampled.examples).total)
+            self.log(f"{stage}/reward", reward, on_epoch=True, batch_size=len(batch))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights: the frozen base (possibly 4-bit) is reloaded from ``policy.path``."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lit_entropy"] = {"shuffle_rng": self._shuffle.get_state()}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise ConfigError(
+                f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}): "
+                "was it written with another policy.lora configuration?"
+            )
+        state = checkpoint.get("lit_entropy", {})
+        if "shuffle_rng" in state:
+            self._shuffle.set_state(state["shuffle_rng"])
+
+    @override
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.adapter_dir or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "adapter")
+        self.policy.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")
+
+
+class _IterationSums:
+    """Running sums over one RL iteration's micro-batches (ratios are formed once, at the end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), device=device)
+        self.loss = zero.clone()
+        self.clipped_low = zero.clone()
+        self.clipped_high = zero.clone()
+        self.tokens = zero.clone()
+        self.kl = zero.clone()
+        self.kl_tokens = zero.clone()
+        self.grad_norm = zero.clone()
+        self.terms: dict[str, Tensor] = {}
+        self.metrics: dict[str, tuple[Tensor, int]] = {}
+
+    def add(self, result: Any, mask: Tensor) -> None:
+        self.loss += result.loss.detach()
+        self.clipped_low += (result.clipped_low & mask).sum()
+        self.clipped_high += (result.clipped_high & mask).sum()
+        self.tokens += mask.sum()
+        if result.kl is not None:
+            self.kl += (result.kl * mask).sum()
+            self.kl_tokens += mask.sum()
+        for key, value in result.loss_terms.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value
+        for key, value in result.metrics.items():
+            total, count = self.metrics.get(key, (0.0, 0))
+            self.metrics[key] = (total + torch.as_tensor(value, dtype=torch.float32), count + 1)
+
+
+__all__ = ["GRPO"]

@@ -1,0 +1,320 @@
+"""Verifiable reward functions and the scorer that combines them.
+
+A reward function maps ``(completion text, dataset row) -> float``. Configs (YAML) name them by import
+path with a weight, e.g.::
+
+    rewards:
+      - fn: lit_entropy.rewards.numeric_match
+      - fn: lit_entropy.rewards.answer_format
+        weight: 0.1
+
+Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
+``lit_entropy.rewards.answer_format``, ``lit_entropy.countdown.countdown_reward`` and
+``lit_entropy.countdown.countdown_format_reward``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_entropy.errors import ConfigError
+
+__all__ = [
+    "Reward",
+    "RewardFunction",
+    "RewardResult",
+    "RewardScorer",
+    "answer_format",
+    "exact_match",
+    "extract_numeric_answer",
+    "numeric_match",
+]
+
+log = logging.getLogger(__name__)
+
+RewardFunction = Callable[[str, Mapping[str, Any]], float]
+"""(completion text, dataset row) -> reward."""
+
+# The answer runs to the end of the line, or to the next "####" when a model repeats the marker.
+_GSM8K_RE = re.compile(r"####([^\n#]*)")
+_BOXED = "\\boxed{"
+# Plain decimal numbers only: float() would also accept "nan", "inf" and "1_000".
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NUMERIC_TOLERANCE = 1e-6
+
+
+def _clean_answer(text: str) -> str:
+    # GSM8K answers are written "1,234" or "$5"; models add spaces or a sentence-final period.
+    cleaned = re.sub(r"[\s,$]", "", text)
+    return cleaned[:-1] if cleaned.endswith(".") and len(cleaned) > 1 else cleaned
+
+
+def _boxed_contents(text: str) -> list[tuple[int, str]]:
+    """Returns ``(start, content)`` of every balanced ``\\boxed{...}``, so ``\\boxed{\\frac{1}{2}}`` works."""
+    found = []
+    start = text.find(_BOXED)
+    while start != -1:
+        depth = 1
+        pos = start + len(_BOXED)
+        while pos < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[pos], 0)
+            pos += 1
+        if depth == 0:
+            found.append((start, text[start + len(_BOXED) : pos - 1]))
+        start = text.find(_BOXED, start + 1)
+    return found
+
+
+def extract_numeric_answer(text: str) -> str | None:
+    """Extracts the final answer from a GSM8K-style ``#### 42`` or a LaTeX ``\\boxed{42}``.
+
+    When both markers occur, the one that appears last in ``text`` wins (the model's final statement).
+    Only non-empty answers count: ``"####"`` alone at the end is ignored.
+
+    Args:
+        text: A completion or a reference solution.
+
+    Returns:
+        The answer with commas, whitespace and ``$`` removed (and a trailing ``.``), e.g. ``"1234"`` for
+        ``"#### $1,234."``; ``None`` when neither marker with a non-empty answer is present.
+    """
+    candidates: list[tuple[int, str]] = [
+        (match.start(), _clean_answer(match.group(1))) for match in _GSM8K_RE.finditer(text)
+    ]
+    candidates += [(start, _clean_answer(content)) for start, content in _boxed_contents(text)]
+    candidates = [(start, answer) for start, answer in candidates if answer]
+    if not candidates:
+        return None
+    return max(candidates)[1]
+
+
+def _reference_answer(answer: Any) -> str:
+    # The answer field is either a full solution ("... #### 72", "... \boxed{72}") or a bare value.
+    text = str(answer)
+    extracted = extract_numeric_answer(text)
+    return extracted if extracted is not None else _clean_answer(text)
+
+
+def _answers_equal(predicted: str, reference: str) -> bool:
+    if _NUMBER_RE.fullmatch(predicted) and _NUMBER_RE.fullmatch(reference):
+        return abs(float(predicted) - float(reference)) <= _NUMERIC_TOLERANCE
+    return predicted == reference
+
+
+def exact_match(completion: str, example: Mapping[str, Any]) -> float:
+    """1.0 if ``completion.strip() == str(example["answer"]).strip()``, else 0.0."""
+    return 1.0 if completion.strip() == str(example["answer"]).strip() else 0.0
+
+
+def numeric_match(completion: str, example: Mapping[str, Any]) -> float:
+    """Rewards a completion whose extracted final answer equals the reference answer.
+
+    Args:
+        completion: Generated text; its answer is taken by :func:`extract_numeric_answer`.
+        example: Dataset row whose ``"answer"`` is a GSM8K/MATH solution (``"... #### 72"``,
+            ``"... \\boxed{72}"``) or a bare number or string.
+
+    Returns:
+        1.0 if the answers are equal: as numbers within 1e-6 when both are plain decimals
+        (``"72.0"`` matches ``72``), as cleaned strings otherwise; 0.0 when they differ or the completion
+        has no marked answer.
+    """
+    predicted = extract_numeric_answer(completion)
+    if predicted is None:
+        return 0.0
+    return 1.0 if _answers_equal(predicted, _reference_answer(example["answer"])) else 0.0
+
+
+def answer_format(completion: str, example: Mapping[str, Any]) -> float:
+    """1.0 if the completion marks a non-empty final answer with ``#### x`` or ``\\boxed{x}``, else 0.0."""
+    return 0.0 if extract_numeric_answer(completion) is None else 1.0
+
+
+@dataclass
+class Reward:
+    """One reward function in a config: import path and weight.
+
+    Attributes:
+        fn: Import path, ``"package.module.function"`` or ``"package.module:function"``.
+        weight: Multiplier of this function's values in the total reward.
+        name: Metric name; default: the function's ``__name__``.
+        kwargs: Extra keyword arguments passed on every call.
+    """
+
+    fn: str
+    weight: float = 1.0
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardResult:
+    """Rewards of N completions.
+
+    Attributes:
+        total: ``[N]`` float32, weighted sum over functions.
+        per_function: Name -> ``[N]`` float32 unweighted values (``on_error`` where the function failed).
+        num_errors: Failed (function, completion) calls, summed over functions.
+        errors_per_function: Name -> failed calls of that function.
+    """
+
+    total: Tensor
+    per_function: dict[str, Tensor]
+    num_errors: int
+    errors_per_function: dict[str, int]
+
+
+def resolve_reward_function(path: str) -> Callable[..., Any]:
+    """Imports the callable named by ``"package.module.function"`` or ``"package.module:attr.attr"``.
+
+    Raises:
+        ConfigError: Naming ``path`` when it is malformed, the module cannot be imported, the attribute
+            is missing, or the object is not callable.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"reward fn must be an import path like 'package.module.function', got {path!r}")
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+    else:
+        module_name, _, attr_path = path.rpartition(".")
+    if not module_name or not attr_path:
+        raise ConfigError(f"reward fn {path!r} is not an import path like 'package.module.function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"reward fn {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ConfigError(f"reward fn {path!r}: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ConfigError(f"reward fn {path!r} is not callable (got {type(obj).__name__})")
+    return obj
+
+
+def _as_float(value: Any) -> float:
+    # 1-element tensors are common in user reward functions; anything else non-numeric is an error.
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"returned {type(value).__name__} {value!r}, expected a float")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"returned non-finite {result}")
+    return result
+
+
+class RewardScorer:
+    """Scores completions with a weighted sum of reward functions, isolating failures per completion.
+
+    Args:
+        rewards: The functions; every import path is resolved here, so a bad config fails before training.
+            Plain mappings with ``Reward``'s fields are accepted too.
+        on_error: Value a function contributes for a completion on which it raised or returned a
+            non-finite / non-numeric value.
+
+    Raises:
+        ConfigError: Empty ``rewards``, a path that does not resolve (naming it), a non-finite weight, or
+            two functions with the same metric name.
+    """
+
+    def __init__(self, rewards: Sequence[Reward | Mapping[str, Any]], on_error: float = 0.0) -> None:
+        if not rewards:
+            raise ConfigError("rewards is empty: configure at least one reward function")
+        if not math.isfinite(on_error):
+            raise ConfigError(f"on_error must be finite, got {on_error}")
+        self.on_error = float(on_error)
+        self.rewards: list[Reward] = []
+        self._functions: list[Callable[..., Any]] = []
+        self._names: list[str] = []
+        for index, reward in enumerate(rewards):
+            if isinstance(reward, Mapping):
+                try:
+                    reward = Reward(**reward)
+                except TypeError as exc:
+                    raise ConfigError(f"rewards[{index}]: {exc}") from exc
+            if not isinstance(reward, Reward):
+                raise ConfigError(f"rewards[{index}] must be a Reward, got {type(reward).__name__}")
+            function = resolve_reward_function(reward.fn)
+            if not math.isfinite(reward.weight):
+                raise ConfigError(
+                    f"rewards[{index}] ({reward.fn!r}): weight must be finite, got {reward.weight}"
+                )
+            # functools.partial and callable instances have no __name__: fall back to the path's last part.
+            name = reward.name or getattr(function, "__name__", None) or re.split(r"[.:]", reward.fn)[-1]
+            if name in self._names:
+                raise ConfigError(
+                    f"duplicate reward name {name!r} (from {reward.fn!r}); set a distinct `name` for each"
+                )
+            self.rewards.append(reward)
+            self._functions.append(function)
+            self._names.append(name)
+
+    @property
+    def names(self) -> list[str]:
+        """Metric names of the functions, in config order."""
+        return list(self._names)
+
+    def __call__(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> RewardResult:
+        """Scores each completion against its dataset row.
+
+        Args:
+            completions: N completion texts.
+            examples: N dataset rows, ``examples[i]`` being the row ``completions[i]`` answers (a prompt's
+                row repeated G times for its G completions).
+
+        Returns:
+            The weighted total ``[N]`` and per-function values, with error counts. The first failure of each
+            function in this call is logged as a warning with the exception.
+        """
+        if len(completions) != len(examples):
+            raise ValueError(
+                f"got {len(completions)} completions but {len(examples)} examples; "
+                "pass one row per completion"
+            )
+        total = torch.zeros(len(completions), dtype=torch.float64)
+        per_function: dict[str, Tensor] = {}
+        errors_per_function: dict[str, int] = {}
+        for reward, function, name in zip(self.rewards, self._functions, self._names):
+            values: list[float] = []
+            first_error: Exception | None = None
+            num_errors = 0
+            for completion, example in zip(completions, examples):
+                try:
+                    values.append(_as_float(function(completion, example, **reward.kwargs)))
+                except Exception as exc:  # noqa: BLE001 - one bad completion must not stop the RL iteration
+                    values.append(self.on_error)
+                    num_errors += 1
+                    if first_error is None:
+                        first_error = exc
+            if first_error is not None:
+                log.warning(
+                    "reward %r failed on %d of %d completions (scored %s); first error: %s: %s",
+                    name,
+                    num_errors,
+                    len(completions),
+                    self.on_error,
+                    type(first_error).__name__,
+                    first_error,
+                )
+            # Accumulate in float64: the total is rounded to float32 once, not once per function.
+            function_values = torch.tensor(values, dtype=torch.float64)
+            total += reward.weight * function_values
+            per_function[name] = function_values.to(torch.float32)
+            errors_per_function[name] = num_errors
+        return RewardResult(
+            total=total.to(torch.float32),
+            per_function=per_function,
+            num_errors=sum(errors_per_function.values()),
+            errors_per_function=errors_per_function,
+        )

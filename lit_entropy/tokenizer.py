@@ -1,0 +1,135 @@
+"""Tokenizers: a character-level one built offline for tests, and a loader that keeps custom ids intact."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lit_entropy.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Special tokens of the character tokenizer, in id order (``<pad>`` = 0, ``<eos>`` = 1, ``<unk>`` = 2).
+CHAR_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<unk>")
+
+#: Ordinary tokens of the character tokenizer: printable ASCII (space included) then newline.
+CHAR_VOCAB: tuple[str, ...] = tuple(chr(code) for code in range(32, 127)) + ("\n",)
+
+# Class names under which a plain `tokenizers`-backed tokenizer is saved. transformers >= 5 writes
+# "TokenizersBackend"; older versions wrote "PreTrainedTokenizerFast". Either must be loaded as exactly that
+# class, never as the class AutoTokenizer infers from config.json's model_type.
+_PLAIN_FAST_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+
+# Any of these in a folder means some tokenizer was saved there.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """Build a character-level tokenizer with no download and no training.
+
+    Every printable ASCII character (codes 32..126, space included) and ``"\\n"`` is one token, so
+    ``"5+7"`` encodes to 3 ids and decoding returns exactly the original text. Characters outside the
+    vocabulary become ``<unk>``.
+
+    Returns:
+        A fast tokenizer with vocabulary size ``3 + 96 = 99``: ``<pad>`` (id 0), ``<eos>`` (id 1),
+        ``<unk>`` (id 2), then the characters. No BOS token, no chat template, left padding.
+    """
+    # Imported here: only this builder needs the low-level library.
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {token: idx for idx, token in enumerate(CHAR_SPECIAL_TOKENS + CHAR_VOCAB)}
+    # A BPE model with no merges and no pre-tokenizer splits any text into single vocabulary characters,
+    # keeping spaces and newlines as tokens of their own.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    # Without a decoder `tokenizers` joins tokens with spaces; Fuse concatenates them verbatim.
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(CHAR_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        # The default clean-up would rewrite " ." as "." and break the exact round trip.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _read_tokenizer_class(folder: Path) -> str | None:
+    """Return ``tokenizer_class`` from ``folder/tokenizer_config.json``, or None when absent."""
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"tokenizer config '{config_file}' is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"tokenizer config '{config_file}' must hold a JSON object")
+    tokenizer_class = config.get("tokenizer_class")
+    return tokenizer_class if isinstance(tokenizer_class, str) else None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder, padding on the left.
+
+    A folder whose ``tokenizer_config.json`` names ``PreTrainedTokenizerFast`` (or ``TokenizersBackend``),
+    or names no class while ``tokenizer.json`` exists, is loaded as exactly that class: ``AutoTokenizer``
+    would pick the class of ``config.json``'s ``model_type`` (e.g. a Qwen2 tokenizer) and silently change
+    a custom tokenizer's ids. Anything else goes through ``AutoTokenizer``.
+
+    Args:
+        path: Local folder with the tokenizer files.
+        trust_remote_code: Passed to ``AutoTokenizer`` for tokenizers that ship their own code.
+
+    Returns:
+        The tokenizer with ``padding_side="left"`` (generation appends on the right) and a pad token; a
+        tokenizer without one pads with its EOS token.
+
+    Raises:
+        ModelLoadError: The folder is missing, holds no tokenizer files, cannot be loaded, or the tokenizer
+            has neither a pad nor an EOS token.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"tokenizer folder '{path}' does not exist")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"tokenizer folder '{path}' has no tokenizer files "
+            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+
+    tokenizer_class = _read_tokenizer_class(folder)
+    plain_fast = tokenizer_class in _PLAIN_FAST_CLASSES or (
+        tokenizer_class is None and (folder / "tokenizer.json").is_file()
+    )
+    try:
+        if plain_fast:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not load the tokenizer in '{path}': {err}") from err
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer in '{path}' has no pad or eos token; add one of them")
+        # Padding positions are masked out everywhere, so reusing EOS as pad changes no result.
+        log.info(
+            "tokenizer in '%s' has no pad token; padding with its eos token %r", path, tokenizer.eos_token
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
