@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.util import find_spec
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 from lit_entropy.errors import LitEntropyError
 
+DEFAULT_ROOT_DIR = "runs"
+# Lines of jsonargparse's nested Union / class_path report that carry no information of their own.
+_NOISE = re.compile(
+    r"^(- )?(Parser key|Does not validate|Subtypes:|Errors:|Problem with given class_path|"
+    r"Expected a <class 'NoneType'>|Given value)"
+)
 
-def default_loggers(save_dir: str = "runs") -> list[dict[str, Any]]:
+
+def default_loggers(save_dir: str = DEFAULT_ROOT_DIR) -> list[dict[str, Any]]:
     """CSV always (the report tools read it); TensorBoard too when it is installed."""
     loggers: list[dict[str, Any]] = [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir}}
@@ -27,12 +36,31 @@ def default_loggers(save_dir: str = "runs") -> list[dict[str, Any]]:
     return loggers
 
 
+def one_line_error(message: str) -> str:
+    """jsonargparse's nested report of a bad argument as one line: ``<parser keys>: <innermost reason>``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    reasons = [line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line.strip())]
+    reason = reasons[0] if reasons else message.strip().splitlines()[0]
+    return f"{'.'.join(keys)}: {reason}" if keys else reason
+
+
+class LitEntropyArgumentParser(LightningArgumentParser):
+    """Argument errors print as one line (``lit-entropy: error: ...``) and exit 2, without the usage text."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # nested parsers: the outer one reports
+            super().error(message, ex)
+        print(f"lit-entropy: error: {one_line_error(message)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class LitEntropyCLI(LightningCLI):
     """LightningCLI over any LightningModule / LightningDataModule (``class_path`` form in YAML).
 
     The module configures its own optimizer (``model.init_args.learning_rate`` / ``optimizer``), so the CLI's
     automatic ``--optimizer`` is off. A logger is always set, so the config is saved next to the logs and never
-    into the working directory.
+    into the working directory; the default loggers follow ``trainer.default_root_dir``.
     """
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
@@ -42,20 +70,48 @@ class LitEntropyCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
-            trainer_defaults={"default_root_dir": "runs", "logger": default_loggers()},
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "logger": default_loggers()},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_class=LitEntropyArgumentParser,
             args=args,
             run=run,
         )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        # As with Lightning's own default logger, --trainer.default_root_dir moves logs, config.yaml,
+        # checkpoints and the adapter together.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else []
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
+                init_args.save_dir = root
+
+
+def _project_error(error: BaseException) -> LitEntropyError | None:
+    """The project's own error behind ``error``: jsonargparse re-raises constructor errors as ValueError."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LitEntropyError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def main(args: Any = None) -> None:
     """Entry point; errors of the project's own checks print as one line (``lit-entropy: error: ...``)."""
     try:
         LitEntropyCLI(args=args)
-    except LitEntropyError as error:
-        print(f"lit-entropy: error: {error}", file=sys.stderr)
+    except Exception as error:
+        project_error = _project_error(error)
+        if project_error is None:
+            raise
+        print(f"lit-entropy: error: {project_error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

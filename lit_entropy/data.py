@@ -332,7 +332,7 @@ class CountdownDataModule(PromptDataModule):
         batch_size: int = 8,
         val_batch_size: int | None = None,
         seed: int = 0,
-        num_numbers: int = 4,
+        num_numbers: int = 3,
         max_number: int = 9,
         min_terms: int = 2,
         max_terms: int = 3,

@@ -49,10 +49,10 @@ class EmbeddedModel:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    warmup_steps: int = 300
+    warmup_steps: int = 600
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
-    num_numbers: int = 4
+    num_numbers: int = 3
     max_number: int = 9
     min_terms: int = 2
     max_terms: int = 3

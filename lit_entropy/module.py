@@ -29,16 +29,21 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import group_advantages, token_logprobs_and_entropy, zero_std_fraction
 from lit_entropy.loss import Loss, microbatch_loss
-from lit_entropy.model import Policy, load_policy, reference_context, trainable_parameters
+from lit_entropy.model import LoRA, Policy, Quantization, load_policy, reference_context, trainable_parameters
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import MinibatchView, Regularizer, find_regularizers
 from lit_entropy.rewards import Reward, RewardScorer
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 
 log = logging.getLogger(__name__)
+
+# The checkpoint's hyper_parameters hold these dataclasses; Lightning resumes with torch.load(weights_only=True),
+# which refuses classes that are not allow-listed, so `fit(ckpt_path=...)` would fail without this.
+torch.serialization.add_safe_globals([Policy, LoRA, Quantization, EmbeddedModel, Sampling, Loss, Reward])
 
 
 class GRPO(LightningModule):

@@ -244,14 +244,14 @@ def test_no_validation_split_gives_empty_list_and_too_few_rows_error(tmp_path: P
 
 
 def test_countdown_module_sizes_determinism_and_no_overlap() -> None:
-    dm = CountdownDataModule(num_train=300, num_val=40, batch_size=8, seed=5)
+    dm = CountdownDataModule(num_train=300, num_val=40, batch_size=8, seed=5, num_numbers=4)
     dm.setup("fit")
     assert dm.train_rows == generate_countdown_examples(300, seed=5)
     val = generate_countdown_examples(40, seed=5 + 1_000_003)
     train_prompts = {row["prompt"] for row in dm.train_rows}
     assert dm.val_rows == [row for row in val if row["prompt"] not in train_prompts]
     assert 30 <= len(dm.val_rows) <= 40
-    again = CountdownDataModule(num_train=300, num_val=40, batch_size=8, seed=5)
+    again = CountdownDataModule(num_train=300, num_val=40, batch_size=8, seed=5, num_numbers=4)
     again.setup("validate")
     assert again.val_rows == dm.val_rows
     batch = next(iter(dm.train_dataloader()))
