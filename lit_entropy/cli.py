@@ -39,7 +39,9 @@ def default_loggers(save_dir: str = DEFAULT_ROOT_DIR) -> list[dict[str, Any]]:
 def one_line_error(message: str) -> str:
     """jsonargparse's nested report of a bad argument as one line: ``<parser keys>: <innermost reason>``."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    reasons = [line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line.strip())]
+    reasons = [
+        line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line.strip())
+    ]
     reason = reasons[0] if reasons else message.strip().splitlines()[0]
     return f"{'.'.join(keys)}: {reason}" if keys else reason
 

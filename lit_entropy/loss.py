@@ -54,7 +54,9 @@ class Loss:
                 f"loss.advantage_scale must be 'group', 'batch' or 'none', got {self.advantage_scale!r}"
             )
         if self.eps_low < 0 or self.eps_high < 0:
-            raise ConfigError(f"loss.eps_low and loss.eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+            raise ConfigError(
+                f"loss.eps_low and loss.eps_high must be >= 0, got {self.eps_low}, {self.eps_high}"
+            )
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"loss.dual_clip must be > 1 (or null), got {self.dual_clip}")
         if self.kl_coef < 0:
@@ -117,4 +119,3 @@ def microbatch_loss(
         loss_terms={key: value.detach() for key, value in combined.loss_terms.items()},
         metrics=combined.metrics,
     )
-

@@ -115,6 +115,9 @@ class GRPO(LightningModule):
         self.tokenizer: Any = None
         self._regularizers: list[Regularizer] = []
         self._shuffle = torch.Generator().manual_seed(seed)
+        self._history: list[
+            tuple[float, float]
+        ] = []  # (reward, entropy) per RL iteration of this fit, for the summary
         # torchmetrics reduce across ranks correctly (sums and counts, not means of means)
         self.train_entropy = MeanMetric(dist_sync_on_step=True)
         self.train_reward = MeanMetric(dist_sync_on_step=True)
@@ -136,7 +139,9 @@ class GRPO(LightningModule):
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
-            raise ConfigError("loss.kl_coef > 0 needs a reference policy: set policy.lora (adapters off = reference)")
+            raise ConfigError(
+                "loss.kl_coef > 0 needs a reference policy: set policy.lora (adapters off = reference)"
+            )
 
     # ------------------------------------------------------------------ setup
 
@@ -146,6 +151,7 @@ class GRPO(LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
+        self.policy.train()  # from_pretrained returns eval mode; generation switches to eval explicitly
 
     @override
     def configure_optimizers(self) -> Any:
@@ -200,11 +206,15 @@ class GRPO(LightningModule):
         completion_length = batch.completion_ids.shape[1]
         outputs = self.policy(**batch.model_inputs(), logits_to_keep=completion_length + 1, use_cache=False)
         logits = outputs.logits[:, :-1]  # [n, T', V]: position t predicts completion token t
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.completion_ids, self.sampling.temperature)
+        logprobs, entropy = token_logprobs_and_entropy(
+            logits, batch.completion_ids, self.sampling.temperature
+        )
         return batch.pad_to_rollout(logprobs), batch.pad_to_rollout(entropy)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, rollout: Rollout, microbatch: int, reference: bool = False) -> tuple[Tensor, Tensor]:
+    def _logprobs_no_grad(
+        self, rollout: Rollout, microbatch: int, reference: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Log-probs and entropy of every rollout row without gradient, ``[N, T]`` each."""
         was_training = self.policy.training
         self.policy.eval()
@@ -226,7 +236,9 @@ class GRPO(LightningModule):
 
     # ------------------------------------------------------------------ the RL iteration
 
-    def generate(self, examples: Sequence[Mapping[str, Any]], greedy: bool = False, num_samples: int | None = None):
+    def generate(
+        self, examples: Sequence[Mapping[str, Any]], greedy: bool = False, num_samples: int | None = None
+    ):
         """Render the prompts of ``examples`` and sample completions (policy in eval mode, no gradient)."""
         prompts = [
             render_prompt(example["prompt"], self.tokenizer, self.chat_template, self.system_prompt)
@@ -236,7 +248,14 @@ class GRPO(LightningModule):
         self.policy.eval()
         try:
             return generate_rollout(
-                self.policy, self.tokenizer, prompts, examples, self.sampling, self.device, greedy, num_samples
+                self.policy,
+                self.tokenizer,
+                prompts,
+                examples,
+                self.sampling,
+                self.device,
+                greedy,
+                num_samples,
             )
         finally:
             self.policy.train(was_training)
@@ -244,6 +263,8 @@ class GRPO(LightningModule):
     @override
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Tensor]:
         started = time.perf_counter()
+        # batch_idx restarts every pass over the prompts; the fit loop's total count survives epochs and resume
+        iteration = self.trainer.fit_loop.total_batch_idx
         rollout = self.generate(batch)
         scores = self.reward_scorer(rollout.completions, rollout.examples)
         rewards = scores.total.to(self.device)  # [N]
@@ -272,7 +293,11 @@ class GRPO(LightningModule):
         first_epoch_entropy = torch.zeros_like(mask, dtype=torch.float32)
         update = 0
         for epoch in range(self.ppo_epochs):
-            order = torch.randperm(num_sequences, generator=self._shuffle) if updates > 1 else torch.arange(num_sequences)
+            order = (
+                torch.randperm(num_sequences, generator=self._shuffle)
+                if updates > 1
+                else torch.arange(num_sequences)
+            )
             for mb_start in range(0, num_sequences, minibatch):
                 mb_rows = order[mb_start : mb_start + minibatch].to(self.device)
                 mb_mask = mask[mb_rows]
@@ -299,7 +324,7 @@ class GRPO(LightningModule):
                         num_sequences=minibatch,
                         eps_low=self.loss_config.eps_low,
                         eps_high=self.loss_config.eps_high,
-                        iteration=batch_idx,
+                        iteration=iteration,
                         update=update,
                         updates_per_iteration=updates,
                         microbatch_rows=slice(mc_start, mc_start + len(rows)),
@@ -308,7 +333,9 @@ class GRPO(LightningModule):
                         minibatch_advantages=token_advantages[mb_rows] if needs_stats else None,
                         minibatch_mask=mb_mask if needs_stats else None,
                     )
-                    result = microbatch_loss(self.loss_config, view, self._regularizers, self.sampling.max_new_tokens)
+                    result = microbatch_loss(
+                        self.loss_config, view, self._regularizers, self.sampling.max_new_tokens
+                    )
                     self.manual_backward(result.loss)
                     sums.add(result, view.mask)
                     if epoch == 0:
@@ -320,6 +347,7 @@ class GRPO(LightningModule):
         entropy_mean = self.train_entropy(first_epoch_entropy[mask])
         self.train_reward(rewards)
         stats = self._log_iteration(rollout, scores, rewards, sums, updates, elapsed, group)
+        self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
         return {"entropy": entropy_mean.detach(), "reward": rewards.mean(), **stats}
 
     @torch.no_grad()
@@ -341,7 +369,9 @@ class GRPO(LightningModule):
             else torch.zeros((), device=self.device)
         )
         if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -383,7 +413,10 @@ class GRPO(LightningModule):
             stats[f"train/term/{key}"] = value / updates
         for key, (total, count) in sums.metrics.items():
             stats[key] = total / count
-        stats = {key: torch.as_tensor(value, dtype=torch.float32).detach().to(self.device) for key, value in stats.items()}
+        stats = {
+            key: torch.as_tensor(value, dtype=torch.float32).detach().to(self.device)
+            for key, value in stats.items()
+        }
         self.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(rollout.examples) // group)
         self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/reward", self.train_reward, on_step=True, on_epoch=False, prog_bar=True)
@@ -399,7 +432,9 @@ class GRPO(LightningModule):
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self._evaluate(batch, self.test_accuracy, self.test_reward, "test")
 
-    def _evaluate(self, batch: list[dict[str, Any]], accuracy: MeanMetric, reward: MeanMetric, stage: str) -> None:
+    def _evaluate(
+        self, batch: list[dict[str, Any]], accuracy: MeanMetric, reward: MeanMetric, stage: str
+    ) -> None:
         """Accuracy of greedy answers (the first reward function's value) and mean reward of sampled ones."""
         greedy = self.generate(batch, greedy=True, num_samples=1)
         first = self.reward_scorer.names[0]
@@ -436,10 +471,24 @@ class GRPO(LightningModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        folder = self.adapter_dir or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "adapter")
+        if self._history:
+            window = max(1, min(10, len(self._history) // 2))
+            first, last = self._history[:window], self._history[-window:]
+            rank_zero_info(
+                f"lit_entropy: {len(self._history)} RL iterations; mean over the first / last {window}: "
+                f"reward {_mean(first, 0):.3f} -> {_mean(last, 0):.3f}, "
+                f"entropy {_mean(first, 1):.3f} -> {_mean(last, 1):.3f} nats"
+            )
+        folder = self.adapter_dir or os.path.join(
+            self.trainer.log_dir or self.trainer.default_root_dir, "adapter"
+        )
         self.policy.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")
+
+
+def _mean(rows: list[tuple[float, float]], column: int) -> float:
+    return sum(row[column] for row in rows) / len(rows)
 
 
 class _IterationSums:

@@ -151,7 +151,9 @@ def find_regularizers(callbacks: Iterable[Callback]) -> list[Regularizer]:
     for regularizer in regularizers:
         for name in regularizer.overrides:
             if name not in OVERRIDABLE:
-                raise ConfigError(f"{regularizer.name} declares an unknown override {name!r}; known: {OVERRIDABLE}")
+                raise ConfigError(
+                    f"{regularizer.name} declares an unknown override {name!r}; known: {OVERRIDABLE}"
+                )
             if name in owners:
                 raise ConfigError(
                     f"regularizers {owners[name]} and {regularizer.name} both override {name!r}; keep only one"
@@ -206,7 +208,9 @@ def combine(regularizers: Sequence[Regularizer], view: MinibatchView) -> Combine
         if adjustment.token_weights is not None:
             weights = adjustment.token_weights if weights is None else weights * adjustment.token_weights
         if adjustment.token_penalties is not None:
-            penalties = adjustment.token_penalties if penalties is None else penalties + adjustment.token_penalties
+            penalties = (
+                adjustment.token_penalties if penalties is None else penalties + adjustment.token_penalties
+            )
         for key, value in adjustment.loss_terms.items():
             terms[f"{regularizer.name}/{key}"] = value
         for key, value in adjustment.metrics.items():

@@ -81,7 +81,10 @@ class Rollout:
     def select(self, index: Tensor) -> SequenceBatch:
         """The token tensors of the rows ``index`` with all-padding columns trimmed (for a forward pass)."""
         return SequenceBatch.from_parts(
-            self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index], self.completion_mask[index]
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.completion_ids[index],
+            self.completion_mask[index],
         )
 
 

@@ -54,7 +54,9 @@ class SFT(LightningModule):
         weight_decay: AdamW weight decay.
     """
 
-    def __init__(self, model: torch.nn.Module, learning_rate: float = 3e-3, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, model: torch.nn.Module, learning_rate: float = 3e-3, weight_decay: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.learning_rate = learning_rate
