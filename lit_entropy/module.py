@@ -330,6 +330,9 @@ class GRPO(LightningModule):
                         microbatch_rows=slice(mc_start, mc_start + len(rows)),
                         minibatch_logprobs=mb_logprobs,
                         minibatch_entropy=mb_entropy,
+                        minibatch_old_logprobs=(
+                            None if not needs_stats else mb_logprobs if on_policy else old_logprobs[mb_rows]
+                        ),
                         minibatch_advantages=token_advantages[mb_rows] if needs_stats else None,
                         minibatch_mask=mb_mask if needs_stats else None,
                     )

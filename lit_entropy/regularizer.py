@@ -54,6 +54,7 @@ class MinibatchView:
         minibatch_logprobs: ``[m, T]`` detached current log-probs of the whole mini-batch, or None unless a
             regularizer sets ``needs_minibatch_stats``.
         minibatch_entropy: ``[m, T]`` detached entropy of the whole mini-batch (same condition).
+        minibatch_old_logprobs: ``[m, T]`` old log-probs of the whole mini-batch (same condition).
         minibatch_advantages: ``[m, T]`` advantages of the whole mini-batch.
         minibatch_mask: ``[m, T]`` keep-mask of the whole mini-batch.
     """
@@ -74,6 +75,7 @@ class MinibatchView:
     microbatch_rows: slice
     minibatch_logprobs: Tensor | None = None
     minibatch_entropy: Tensor | None = None
+    minibatch_old_logprobs: Tensor | None = None
     minibatch_advantages: Tensor | None = None
     minibatch_mask: Tensor | None = None
 
