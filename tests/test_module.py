@@ -479,3 +479,21 @@ def test_qlora_fit_on_cpu_trains_the_adapters(tiny_model_dir, tmp_path):
     assert after and all("lora_" in name for name in after)
     assert any(not torch.equal(after[name], snapshot.start[name]) for name in after)
     assert all(math.isfinite(output["entropy"]) for output in snapshot.outputs)
+
+
+def test_lr_scheduler_steps_once_per_optimizer_update(tiny_model_dir, tmp_path):
+    from harness import short_fit
+
+    # 2 iterations x (2 epochs x 2 mini-batches) = 8 updates; StepLR(gamma=0.5) per update: lr = 1e-2 * 0.5**8
+    trainer, _ = short_fit(
+        tiny_model_dir,
+        tmp_path,
+        [],
+        iterations=2,
+        ppo_epochs=2,
+        minibatch_size=4,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
+    )
+    assert trainer.global_step == 8
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-2 * 0.5**8)
