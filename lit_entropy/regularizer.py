@@ -18,9 +18,9 @@ Shapes: ``n`` sequences in the micro-batch, ``m`` in the optimizer mini-batch, `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import Callback
@@ -144,6 +144,18 @@ class Regularizer(Callback):
 
     def adjust(self, view: MinibatchView) -> Adjustment | None:
         return None
+
+
+def measured_entropy(outputs: Any, name: str) -> float:
+    """``outputs["entropy"]`` of ``training_step`` (rollout mean token entropy, nats) as a float.
+
+    Raises:
+        ConfigError: naming ``name`` when the outputs carry no entropy (a module other than GRPO).
+    """
+    if not isinstance(outputs, Mapping) or "entropy" not in outputs:
+        keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+        raise ConfigError(f"{name} needs outputs['entropy'] from training_step, got {keys}")
+    return float(outputs["entropy"])
 
 
 def find_regularizers(callbacks: Iterable[Callback]) -> list[Regularizer]:
