@@ -123,7 +123,8 @@ class Regularizer(Callback):
             ``eps_high``); declared so that conflicts are found before training starts.
         needs_entropy_grad: the module must keep the graph through the entropy (costs memory).
         needs_minibatch_stats: the module must provide the detached log-probs and entropy of the whole
-            mini-batch (an extra no-grad forward when the mini-batch is split into micro-batches).
+            mini-batch (an extra no-grad forward when the mini-batch is split into micro-batches). An instance
+            may set it (e.g. only for ``scope="batch"``); the module reads the instance attribute.
     """
 
     overrides: ClassVar[tuple[str, ...]] = ()
