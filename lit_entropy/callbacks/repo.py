@@ -27,6 +27,7 @@ import typing_extensions
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from lit_entropy.callbacks.covariance import token_covariance
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
 from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer
@@ -77,26 +78,6 @@ def repo_r_advantages(
     negative = (advantages * (1.0 + zeta * lp)).clamp(max=0.0)  # [n, T]
     shifted = torch.where(advantages > 0, positive, torch.where(advantages < 0, negative, advantages))
     return torch.where(mask.bool(), shifted, advantages)
-
-
-def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
-    """Token-wise covariance ``(lp - mean lp) * (A - mean A)`` over the kept tokens (Cui et al.).
-
-    Means are over the kept tokens of the tensors given; no division by the count (a centred product, as in
-    ALGORITHMS.md section 5).
-
-    Args:
-        logprobs: ``[m, T]`` log-probs (detached here).
-        advantages: ``[m, T]`` per-token advantages.
-        mask: ``[m, T]`` keep-mask.
-
-    Returns:
-        ``[m, T]`` centred products, 0 at padded positions.
-    """
-    lp = logprobs.detach().to(torch.float32)
-    adv = advantages.detach().to(torch.float32)
-    centred = (lp - masked_mean(lp, mask)) * (adv - masked_mean(adv, mask))  # [m, T]
-    return torch.where(mask.bool(), centred, torch.zeros((), dtype=centred.dtype, device=centred.device))
 
 
 def predicted_entropy_change(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
