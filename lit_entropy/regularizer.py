@@ -18,6 +18,7 @@ Shapes: ``n`` sequences in the micro-batch, ``m`` in the optimizer mini-batch, `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,8 +46,9 @@ class MinibatchView:
         mask: ``[n, T]`` bool keep-mask of real completion tokens.
         num_tokens: scalar, kept tokens in the whole optimizer mini-batch (the token-mean normaliser).
         num_sequences: sequences in the whole optimizer mini-batch.
-        eps_low: lower clip range in force (before overrides).
-        eps_high: upper clip range in force (before overrides).
+        eps_low: lower clip range in force: the configured one in ``override``, the overridden one (if a
+            regularizer owns it) in ``adjust``.
+        eps_high: upper clip range in force (same rule).
         iteration: RL iteration (0-based; one per training step).
         update: optimizer update within this iteration (0-based, over epochs and mini-batches).
         updates_per_iteration: ``ppo_epochs * minibatches``; 1 means fully on-policy.
@@ -193,8 +195,9 @@ class Combined:
 def combine(regularizers: Sequence[Regularizer], view: MinibatchView) -> Combined:
     """Apply every regularizer's overrides, then collect and compose their adjustments.
 
-    Overrides are applied first so that adjustments see the objective's effective inputs only through the loss;
-    each regularizer's ``adjust`` receives the same, unmodified view (order independence).
+    Overrides are applied first. Every regularizer's ``adjust`` then receives the same view (order independence),
+    with the clip range in force after the overrides; advantages stay the group advantages (a covariance or an
+    entropy quantile is defined on them, not on another regularizer's reshaping).
     """
     advantages, eps_low, eps_high = view.advantages, view.eps_low, view.eps_high
     for regularizer in regularizers:
@@ -216,6 +219,9 @@ def combine(regularizers: Sequence[Regularizer], view: MinibatchView) -> Combine
     penalties: Tensor | None = None
     terms: dict[str, Tensor] = {}
     metrics: dict[str, Tensor | float] = {}
+    if (eps_low, eps_high) != (view.eps_low, view.eps_high):
+        # adjustments judge "clip active" against the range the surrogate will actually use
+        view = dataclasses.replace(view, eps_low=eps_low, eps_high=eps_high)
     for regularizer in regularizers:
         adjustment = regularizer.adjust(view)
         if adjustment is None:

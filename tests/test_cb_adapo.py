@@ -242,3 +242,19 @@ def test_checkpoint_carries_state_and_resumed_fit_continues(tiny_model_dir, tmp_
         "target": saved["target"],
         "iterations": 3,
     }
+
+
+def test_adapo_warns_once_when_fully_on_policy():
+    adapo = ADAPO()
+
+    class Module:
+        def log(self, *args, **kwargs):
+            pass
+
+    with pytest.warns(UserWarning, match="one optimizer update per rollout"):
+        adapo.on_train_batch_end(None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapo.on_train_batch_end(None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 1)

@@ -356,3 +356,25 @@ def test_fit_calls_the_contract_once_per_microbatch_and_logs_metrics(tiny_model_
     assert trainer.callback_metrics["reg/Recorder/update"].item() == pytest.approx(1.5)
     assert trainer.logged_metrics["reg/Recorder/update"].item() == pytest.approx(1.5)
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
+
+
+class SeesClipRange(Regularizer):
+    """Records the clip range its ``adjust`` sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def adjust(self, view):
+        self.seen.append((view.eps_low, view.eps_high))
+        return None
+
+
+def test_adjustments_see_the_clip_range_in_force_after_overrides():
+    # FixedOwner overrides eps_high to 0.5; the configured range is (0.2, 0.2)
+    observer = SeesClipRange()
+    combined = combine([FixedOwner(overrides=Overrides(eps_high=0.5)), observer], _view())
+    assert combined.eps_high == 0.5
+    assert observer.seen == [(0.2, 0.5)]
+    observer.seen.clear()
+    combine([observer], _view())
+    assert observer.seen == [(0.2, 0.2)]

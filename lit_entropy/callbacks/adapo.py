@@ -16,9 +16,10 @@ from typing import Any
 
 import typing_extensions
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.regularizer import MinibatchView, Overrides, Regularizer
+from lit_entropy.regularizer import MinibatchView, Overrides, Regularizer, measured_entropy
 
 __all__ = ["ADAPO", "entropy_target", "next_eps_high"]
 
@@ -130,6 +131,7 @@ class ADAPO(Regularizer):
         self.initial_entropy: float | None = None
         self.target: float | None = None
         self.iterations = 0
+        self._warned_on_policy = False  # not state: a resumed run may warn again
 
     # qualified: inside the class body the name `override` is the contract method, not the decorator
     @typing_extensions.override
@@ -140,7 +142,14 @@ class ADAPO(Regularizer):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        entropy = float(outputs["entropy"])
+        entropy = measured_entropy(outputs, self.name)
+        if not self._warned_on_policy and float(outputs.get("train/updates", 2)) == 1:
+            # every ratio is exactly 1 with one update per rollout: no clip range, adapted or not, is ever active
+            rank_zero_warn(
+                f"{self.name} has no effect with one optimizer update per rollout (fully on-policy, ratio == 1): "
+                "use ppo_epochs > 1 or a minibatch_size smaller than the rollout"
+            )
+            self._warned_on_policy = True
         if self.initial_entropy is None:
             self.initial_entropy = entropy
             self.target = entropy_target(entropy, self.target_setting, self.relative)

@@ -30,7 +30,7 @@ from torch import Tensor
 from lit_entropy.callbacks.covariance import token_covariance
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
-from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer
+from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer, measured_entropy
 
 Variant = Literal["R", "D"]
 
@@ -300,7 +300,7 @@ class REPO(Regularizer):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        entropy = float(outputs["entropy"])
+        entropy = measured_entropy(outputs, self.name)
         if self.target is None:
             self.target = entropy
         self.zeta = next_zeta(self.zeta, entropy, self.target, self.zeta_min, self.zeta_max, self.two_way)
