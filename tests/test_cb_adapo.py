@@ -252,9 +252,13 @@ def test_adapo_warns_once_when_fully_on_policy():
             pass
 
     with pytest.warns(UserWarning, match="one optimizer update per rollout"):
-        adapo.on_train_batch_end(None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 0)
+        adapo.on_train_batch_end(
+            None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 0
+        )
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        adapo.on_train_batch_end(None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 1)
+        adapo.on_train_batch_end(
+            None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 1
+        )
