@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError
+from lit_entropy.evaluation import distinct_correct, pass_at_k
 from lit_entropy.functional import group_advantages, token_logprobs_and_entropy, zero_std_fraction
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.model import LoRA, Policy, Quantization, load_policy, reference_context, trainable_parameters
@@ -65,6 +66,8 @@ class GRPO(LightningModule):
         chat_template: apply the tokenizer's chat template (None = when it has one).
         system_prompt: system message (chat) or prefix (plain prompts).
         val_num_samples: sampled completions per validation prompt for ``val/reward`` (0 = greedy only).
+        pass_at_k: the k of ``val/pass@k`` (unbiased estimator over the ``val_num_samples`` samples; each
+            k <= val_num_samples). A sample is correct when the first reward function gives it >= 1.0.
         adapter_dir: where the adapter is saved in peft format at the end of fit (default: ``<log_dir>/adapter``).
         seed: seeds the shuffling of rollouts into mini-batches.
     """
@@ -86,6 +89,7 @@ class GRPO(LightningModule):
         chat_template: bool | None = None,
         system_prompt: str | None = None,
         val_num_samples: int = 4,
+        pass_at_k: list[int] | None = None,
         adapter_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -107,6 +111,7 @@ class GRPO(LightningModule):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.val_num_samples = val_num_samples
+        self.pass_at_k = sorted(set(pass_at_k or []))
         self.adapter_dir = adapter_dir
         self.seed = seed
         self._validate()
@@ -125,6 +130,11 @@ class GRPO(LightningModule):
         self.val_reward = MeanMetric()
         self.test_accuracy = MeanMetric()
         self.test_reward = MeanMetric()
+        # pass@k and diversity, per stage: ModuleDicts so Lightning moves and resets them with the module
+        self.eval_pass_at_k = torch.nn.ModuleDict(
+            {f"{stage}_{k}": MeanMetric() for stage in ("val", "test") for k in self.pass_at_k}
+        )
+        self.eval_distinct = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     def _validate(self) -> None:
         self.policy_config.validate()
@@ -136,6 +146,10 @@ class GRPO(LightningModule):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.pass_at_k and (min(self.pass_at_k) < 1 or max(self.pass_at_k) > self.val_num_samples):
+            raise ConfigError(
+                f"pass_at_k values must be in [1, val_num_samples={self.val_num_samples}], got {self.pass_at_k}"
+            )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
@@ -290,7 +304,8 @@ class GRPO(LightningModule):
         needs_stats = any(r.needs_minibatch_stats for r in self._regularizers)
         needs_entropy_grad = any(r.needs_entropy_grad for r in self._regularizers)
         sums = _IterationSums(self.device)
-        first_epoch_entropy = torch.zeros_like(mask, dtype=torch.float32)
+        first_epoch_entropy = torch.zeros_like(mask, dtype=torch.float32)  # [N, T]
+        first_epoch_logprobs = torch.zeros_like(mask, dtype=torch.float32)  # [N, T]
         update = 0
         for epoch in range(self.ppo_epochs):
             order = (
@@ -343,6 +358,7 @@ class GRPO(LightningModule):
                     sums.add(result, view.mask)
                     if epoch == 0:
                         first_epoch_entropy[rows] = entropy.detach()
+                        first_epoch_logprobs[rows] = logprobs.detach()
                 sums.grad_norm += self._step(optimizer, scheduler)
                 update += 1
 
@@ -351,7 +367,16 @@ class GRPO(LightningModule):
         self.train_reward(rewards)
         stats = self._log_iteration(rollout, scores, rewards, sums, updates, elapsed, group)
         self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
-        return {"entropy": entropy_mean.detach(), "reward": rewards.mean(), **stats}
+        return {
+            "entropy": entropy_mean.detach(),
+            "reward": rewards.mean(),
+            # per-token tensors of the rollout (first epoch: the policy that sampled it), for monitors
+            "token_entropy": first_epoch_entropy,
+            "token_logprobs": first_epoch_logprobs,
+            "token_advantages": token_advantages,
+            "token_mask": mask,
+            **stats,
+        }
 
     @torch.no_grad()
     def _minibatch_stats(self, rollout: Rollout, rows: Tensor, microbatch: int) -> tuple[Tensor, Tensor]:
@@ -445,8 +470,24 @@ class GRPO(LightningModule):
         self.log(f"{stage}/accuracy", accuracy, on_epoch=True, prog_bar=True, batch_size=len(batch))
         if self.val_num_samples > 0:
             sampled = self.generate(batch, num_samples=self.val_num_samples)
-            reward.update(self.reward_scorer(sampled.completions, sampled.examples).total)
+            scores = self.reward_scorer(sampled.completions, sampled.examples)
+            reward.update(scores.total)
             self.log(f"{stage}/reward", reward, on_epoch=True, batch_size=len(batch))
+            correct = (scores.per_function[first] >= 1.0).view(len(batch), self.val_num_samples)  # [B, n]
+            num_correct = correct.sum(-1)  # [B]
+            for k in self.pass_at_k:
+                metric = self.eval_pass_at_k[f"{stage}_{k}"]
+                metric.update(pass_at_k(self.val_num_samples, num_correct, k))
+                self.log(f"{stage}/pass@{k}", metric, on_epoch=True, batch_size=len(batch))
+            texts = sampled.completions
+            n = self.val_num_samples
+            distinct = [
+                distinct_correct(texts[i * n : (i + 1) * n], correct[i].tolist()) for i in range(len(batch))
+            ]
+            self.eval_distinct[stage].update(torch.tensor(distinct, dtype=torch.float32))
+            self.log(
+                f"{stage}/distinct_correct", self.eval_distinct[stage], on_epoch=True, batch_size=len(batch)
+            )
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -497,3 +497,25 @@ def test_lr_scheduler_steps_once_per_optimizer_update(tiny_model_dir, tmp_path):
     assert trainer.global_step == 8
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(1e-2 * 0.5**8)
+
+
+def lowercase_start(completion: str, example: dict) -> float:
+    """Binary: 1.0 when the completion starts with a lowercase letter (the random tiny model does ~1/4 of the time)."""
+    return 1.0 if completion[:1].islower() else 0.0
+
+
+def test_validate_logs_pass_at_k_and_distinct_correct(tiny_model_dir, tmp_path):
+    seed_everything(0)
+    module = _module(
+        tiny_model_dir, tmp_path, rewards=[_reward("lowercase_start")], val_num_samples=8, pass_at_k=[1, 4, 8]
+    )
+    results = _trainer(tmp_path, max_steps=1, limit_val_batches=None).validate(module, datamodule=_data())[0]
+    # with one binary reward, pass@1 (c/n averaged over prompts) is exactly the mean sampled reward
+    assert results["val/pass@1"] == pytest.approx(results["val/reward"], abs=1e-6)
+    assert 0.0 < results["val/pass@1"] <= results["val/pass@4"] <= results["val/pass@8"] <= 1.0
+    assert 1.0 <= results["val/distinct_correct"] <= 8.0
+
+
+def test_pass_at_k_larger_than_the_samples_is_a_config_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="pass_at_k"):
+        _module(tiny_model_dir, tmp_path, val_num_samples=4, pass_at_k=[8])
