@@ -106,8 +106,17 @@ def _project_error(error: BaseException) -> LitEntropyError | None:
 
 
 def main(args: Any = None) -> None:
-    """Entry point; errors of the project's own checks print as one line (``lit-entropy: error: ...``)."""
+    """Entry point; errors of the project's own checks print as one line (``lit-entropy: error: ...``).
+
+    ``lit-entropy report RUN_DIR...`` goes to `lit_entropy.report` (plain argparse, not a LightningCLI subcommand).
+    """
+    argv = sys.argv[1:] if args is None else args
     try:
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+            from lit_entropy.report import main as report_main
+
+            report_main(list(argv[1:]))
+            return
         LitEntropyCLI(args=args)
     except Exception as error:
         project_error = _project_error(error)

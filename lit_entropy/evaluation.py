@@ -26,8 +26,8 @@ __all__ = ["distinct_correct", "pass_at_k"]
 def pass_at_k(num_samples: int, num_correct: int | Tensor, k: int) -> float | Tensor:
     """Unbiased pass@k from ``num_correct`` correct completions among ``num_samples`` sampled ones.
 
-    ``1 - C(n - c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k / i)`` in float64. It is exactly 1
-    when ``n - c < k`` (every draw of ``k`` contains a correct one) and exactly 0 when ``c = 0``.
+    ``1 - C(n - c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k / i)`` in float64. It is
+    exactly 1 when ``n - c < k`` (every draw of ``k`` contains a correct one) and exactly 0 when ``c = 0``.
 
     Args:
         num_samples: ``n``, completions sampled per prompt (>= 1).
@@ -71,7 +71,8 @@ def _pass_at_k_tensor(num_samples: int, num_correct: Tensor, k: int) -> Tensor:
     ):
         bad = counts[(counts != counts.round()) | (counts < 0) | (counts > num_samples)][0].item()
         raise DataError(
-            f"pass_at_k num_correct holds {bad}: every count must be an integer in [0, num_samples={num_samples}]"
+            f"pass_at_k num_correct holds {bad}: every count must be an integer in "
+            f"[0, num_samples={num_samples}]"
         )
     i = torch.arange(1, num_samples + 1, dtype=torch.float64, device=counts.device)  # [n]
     # factor i enters the product only for i > n - c; the others are neutral (1)

@@ -1,4 +1,4 @@
-"""`lit-entropy report RUN_DIR [RUN_DIR ...] --out DIR [--labels ...]`: figures and a table from training logs.
+"""`lit-entropy report RUN_DIR [RUN_DIR ...] --out DIR [--labels ...]`: figures and a table from run logs.
 
 Each ``RUN_DIR`` holds one run's Lightning CSVLogger output, possibly nested (``**/metrics.csv``; of several,
 the newest file is used) with the ``config.yaml`` that LightningCLI saves next to it. A run is labelled by
@@ -197,7 +197,7 @@ def load_run(run_dir: Path, label: str | None = None) -> RunLog:
 
 
 def rolling_mean(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over the last ``window`` values (fewer at the start): ``out[i] = mean(v[i-w+1 : i+1])``."""
+    """Trailing mean of ``window`` values (fewer at the start): ``out[i] = mean(v[i-w+1 : i+1])``."""
     if window < 1:
         raise ConfigError(f"rolling window={window} must be >= 1")
     out, total = [], 0.0
@@ -339,8 +339,8 @@ def _cell(value: tuple[float, float] | None, seeds: int) -> str:
 def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
     """The markdown table of `summarize`'s rows (numbers to 4 decimals, ``n/a`` where missing)."""
     lines = [
-        f"| label | seeds | final entropy (nats, last {last}) | final reward (last {last}) | last val/accuracy "
-        "| pass@k (largest k) | a | b | ceiling (b - a) | R² |",
+        f"| label | seeds | final entropy (nats, last {last}) | final reward (last {last}) "
+        "| last val/accuracy | pass@k (largest k) | a | b | ceiling (b - a) | R² |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summaries:
@@ -398,7 +398,9 @@ def _band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: 
     plt.close(figure)
 
 
-def _accuracy_figure(plt: Any, groups: dict[str, list[RunLog]], fits: dict[str, LawFit | None], path: Path):
+def _accuracy_figure(
+    plt: Any, groups: dict[str, list[RunLog]], fits: dict[str, LawFit | None], path: Path
+) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, runs in groups.items():
         pairs = [pair for run in runs for pair in validation_pairs(run)]
@@ -531,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
         raise ConfigError(
-            f"--labels has {len(args.labels)} labels for {len(args.run_dirs)} run folders; give one per RUN_DIR"
+            f"--labels has {len(args.labels)} labels for {len(args.run_dirs)} run folders; "
+            "give one per RUN_DIR"
         )
     if args.smooth < 1:
         raise ConfigError(f"--smooth={args.smooth} must be >= 1")

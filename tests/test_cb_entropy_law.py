@@ -1,5 +1,6 @@
-"""`EntropyLaw`: the least-squares fit of ``R = -a * exp(H) + b``, its degenerate inputs, the callback's pairing
-of validation accuracy with training entropy, fit_fraction, logging, state, and a real fit with validation.
+"""`EntropyLaw`: the least-squares fit of ``R = -a * exp(H) + b``, its degenerate inputs, the callback's
+pairing of validation accuracy with training entropy, fit_fraction, logging, state, and a real fit with
+validation.
 
 Shapes: ``P`` (entropy, accuracy) pairs. Entropies in nats.
 """
@@ -71,6 +72,16 @@ def law(a: float, b: float, entropy: float) -> float:
     return -a * math.exp(entropy) + b
 
 
+def naive_fit(entropy: list[float], accuracy: list[float]) -> tuple[float, float]:
+    """Textbook simple regression of R on x = exp(H), plain Python: (a, b) with R = -a * x + b."""
+    x = [math.exp(h) for h in entropy]
+    n = len(x)
+    slope = (n * sum(xi * ri for xi, ri in zip(x, accuracy)) - sum(x) * sum(accuracy)) / (
+        n * sum(xi * xi for xi in x) - sum(x) ** 2
+    )
+    return -slope, (sum(accuracy) - slope * sum(x)) / n
+
+
 # --- the fit -------------------------------------------------------------------------------------------
 
 
@@ -79,7 +90,9 @@ def test_fit_by_hand():
     # x_c = [-1, 0, 1], R_c = [2/3, -1/3, -1/3]: slope = sum(x_c R_c) / sum(x_c^2) = (-2/3 - 1/3) / 2 = -1/2
     # a = 1/2, b = 7/3 + (1/2) * 2 = 10/3; fitted [17/6, 14/6, 11/6], residuals [1/6, -1/3, 1/6]
     # SS_res = 1/36 + 4/36 + 1/36 = 1/6, SS_tot = 4/9 + 1/9 + 1/9 = 2/3, R^2 = 1 - (1/6) / (2/3) = 3/4
-    fit = fit_entropy_law(torch.log(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), torch.tensor([3, 2, 2.0]))
+    fit = fit_entropy_law(
+        torch.log(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), torch.tensor([3, 2, 2.0])
+    )
     assert fit.a == pytest.approx(0.5, abs=1e-12)
     assert fit.b == pytest.approx(10 / 3, abs=1e-12)
     assert fit.r2 == pytest.approx(0.75, abs=1e-12)
@@ -194,18 +207,26 @@ def test_pairs_mean_entropy_since_previous_validation_and_logs_after_warmup():
 
     iterate(callback, trainer, [0.9, 1.1])  # mean 1.0
     validate(callback, trainer, 0.45)
-    expected = fit_entropy_law(torch.tensor([2.2, 1.5, 1.0]), torch.tensor([0.10, 0.30, 0.45]))
+    # the pairs hold float32-rounded readings of (2.2, 1.5, 1.0) and (0.10, 0.30, 0.45): fit those exactly
+    assert [p.entropy for p in callback.points] == pytest.approx([2.2, 1.5, 1.0], abs=1e-6)
+    expected = fit_entropy_law(
+        torch.tensor([p.entropy for p in callback.points], dtype=torch.float64),
+        torch.tensor([p.accuracy for p in callback.points], dtype=torch.float64),
+    )
     for logger in trainer.loggers:
         ((metrics, step),) = logger.calls
         # the logging step of the last iteration (6 iterations: 0..5), not global_step (12 updates)
         assert step == 5
-        assert metrics["law/a"] == pytest.approx(expected.a, abs=1e-6)
-        assert metrics["law/b"] == pytest.approx(expected.b, abs=1e-6)
+        assert metrics["law/a"] == pytest.approx(expected.a, abs=1e-12)
+        assert metrics["law/b"] == pytest.approx(expected.b, abs=1e-12)
         assert metrics["law/ceiling"] == pytest.approx(expected.b - expected.a, abs=1e-6)
         assert metrics["law/r2"] == pytest.approx(expected.r2, abs=1e-6)
         assert metrics["law/points"] == 3.0
         assert "law/prediction_rmse" not in metrics  # no fit_fraction, nothing held out
-    assert callback.fit.a == pytest.approx(expected.a, abs=1e-6)
+    assert callback.fit.a == pytest.approx(expected.a, abs=1e-12)
+    naive_a, naive_b = naive_fit([2.2, 1.5, 1.0], [0.10, 0.30, 0.45])
+    assert callback.fit.a == pytest.approx(naive_a, abs=1e-5)
+    assert callback.fit.b == pytest.approx(naive_b, abs=1e-5)
 
 
 def test_validations_without_training_sanity_check_and_standalone_validate_add_no_pair():

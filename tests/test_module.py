@@ -101,7 +101,7 @@ class Snapshot(Callback):
         self.optimizer_steps_at_start = [int(s["step"]) for s in state.values()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append({key: float(value) for key, value in outputs.items()})
+        self.outputs.append({key: float(value) for key, value in outputs.items() if value.numel() == 1})
 
 
 class CountCalls:
@@ -338,7 +338,7 @@ def test_validate_logs_greedy_accuracy_and_sampled_reward(tiny_model_dir, tmp_pa
     module = _module(tiny_model_dir, tmp_path, val_num_samples=2)
     data = _data()
     results = _trainer(tmp_path, max_steps=1, limit_val_batches=None).validate(module, datamodule=data)
-    assert set(results[0]) == {"val/accuracy", "val/reward"}
+    assert set(results[0]) == {"val/accuracy", "val/reward", "val/distinct_correct"}
     # Independent: greedy decoding of each prompt alone (no padding) with the same policy, scored by the first
     # reward function; "accuracy" is its mean over the validation rows.
     module.policy.eval()

@@ -4,6 +4,7 @@ from lit_entropy.callbacks.adapo import ADAPO
 from lit_entropy.callbacks.clip_cov import ClipCov
 from lit_entropy.callbacks.entropy_bonus import AdaptiveEntropyBonus, EntropyBonus
 from lit_entropy.callbacks.entropy_constraint import EntropyConstraint
+from lit_entropy.callbacks.entropy_law import EntropyLaw
 from lit_entropy.callbacks.high_entropy_tokens import HighEntropyTokens
 from lit_entropy.callbacks.kl_cov import KLCov
 from lit_entropy.callbacks.repo import REPO
@@ -15,6 +16,7 @@ __all__ = [
     "ClipCov",
     "EntropyBonus",
     "EntropyConstraint",
+    "EntropyLaw",
     "HighEntropyTokens",
     "KLCov",
 ]

@@ -15,6 +15,7 @@ run only and reports how well that fit predicts the later pairs and the final ac
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -60,8 +61,8 @@ def fit_entropy_law(entropy: Tensor, accuracy: Tensor) -> LawFit:
     ``b = mean(R) + a * mean(x)``, ``R^2 = 1 - SS_res / SS_tot``. Computed in float64.
 
     Degenerate inputs: if every accuracy is equal (``SS_tot = 0``) the fit is the constant ``a = 0``,
-    ``b = R`` with zero residuals, reported as ``R^2 = 1``. If every ``exp(H)`` is equal the slope is undefined
-    (any line through the mean fits): that is a `DataError`, never a NaN.
+    ``b = R`` with zero residuals, reported as ``R^2 = 1``. If every ``exp(H)`` is equal the slope is
+    undefined (any line through the mean fits): that is a `DataError`, never a NaN.
 
     Args:
         entropy: ``[P]`` mean token entropies, nats.
@@ -89,8 +90,8 @@ def fit_entropy_law(entropy: Tensor, accuracy: Tensor) -> LawFit:
     x = torch.exp(h)  # [P]
     if bool((x == x[0]).all()):
         raise DataError(
-            f"fit_entropy_law: all {len(x)} entropies are equal ({float(h[0]):.6g} nats), so the slope of the "
-            "law is undefined; it needs points at different entropies"
+            f"fit_entropy_law: all {len(x)} entropies are equal ({float(h[0]):.6g} nats), so the slope of "
+            "the law is undefined; it needs points at different entropies"
         )
     if bool((r == r[0]).all()):
         return LawFit(a=0.0, b=float(r[0]), r2=1.0)
@@ -151,9 +152,9 @@ class EntropyLaw(Callback):
     - ``law/a``, ``law/b``, ``law/ceiling`` (``b - a``, the accuracy predicted at ``H = 0``), ``law/r2``,
       ``law/points`` (pairs in the fit);
     - with ``fit_fraction``: the fit uses only pairs whose ``global_step <= fit_fraction * max_steps``, and
-      ``law/prediction_rmse`` is the RMSE of its predictions on the later pairs (once there are any). At the end
-      of fit, ``law/final_pred`` (the prediction at the last pair's entropy) and ``law/final_obs`` (its observed
-      accuracy), when the last pair lies after the fitting part.
+      ``law/prediction_rmse`` is the RMSE of its predictions on the later pairs (once there are any). At the
+      end of fit, ``law/final_pred`` (the prediction at the last pair's entropy) and ``law/final_obs`` (its
+      observed accuracy), when the last pair lies after the fitting part.
 
     If every fitting pair has the same entropy the law is undefined: the callback warns once and logs nothing
     until the entropies differ. The latest fit is `fit` (None before the first one).
@@ -182,7 +183,8 @@ class EntropyLaw(Callback):
     ) -> None:
         if isinstance(warmup_points, bool) or not isinstance(warmup_points, int) or warmup_points < 2:
             raise ConfigError(
-                f"EntropyLaw warmup_points={warmup_points!r} must be an integer >= 2 (a line needs two points)"
+                f"EntropyLaw warmup_points={warmup_points!r} must be an integer >= 2 "
+                "(a line needs two points)"
             )
         if fit_fraction is not None and not (
             isinstance(fit_fraction, (int, float)) and 0.0 < fit_fraction < 1.0
@@ -272,13 +274,13 @@ class EntropyLaw(Callback):
     # ------------------------------------------------------------------ internals
 
     def _read_entropy(self, outputs: Any) -> float:
-        if isinstance(outputs, dict):
+        if isinstance(outputs, Mapping):
             if self.entropy_key in outputs:
                 return float(outputs[self.entropy_key])
             # GRPO returns its train/entropy under the short key (the regularizer contract)
             if self.entropy_key == "train/entropy" and "entropy" in outputs:
                 return float(outputs["entropy"])
-        keys = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
         raise ConfigError(
             f"EntropyLaw entropy_key={self.entropy_key!r} is not in training_step's outputs, got {keys}"
         )
@@ -290,7 +292,8 @@ class EntropyLaw(Callback):
             return {}
         try:
             fit = fit_entropy_law(
-                torch.tensor([p.entropy for p in fitting]), torch.tensor([p.accuracy for p in fitting])
+                torch.tensor([p.entropy for p in fitting], dtype=torch.float64),
+                torch.tensor([p.accuracy for p in fitting], dtype=torch.float64),
             )
         except DataError as error:
             if not self._warned_degenerate:
