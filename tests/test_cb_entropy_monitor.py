@@ -207,19 +207,24 @@ def test_statistics_of_a_hand_built_rollout():
     assert stats["entropy_bucket_2"] == pytest.approx(3.0)
     # lp -1 -2 -0.5 -3 -0.1 (mean -1.32), A 1 1 -1 -1 -1 (mean -0.2):
     # centred lp 0.32 -0.68 0.82 -1.68 1.22, centred A 1.2 1.2 -0.8 -0.8 -0.8
-    # cov 0.384 -0.816 -0.656 1.344 -0.976: mean -0.72 / 5 = -0.144; top floor(0.4 * 5) = 2: (1.344 + 0.384) / 2
+    # cov 0.384 -0.816 -0.656 1.344 -0.976: mean -0.72 / 5 = -0.144
+    # top floor(0.4 * 5) = 2 of them: (1.344 + 0.384) / 2 = 0.864
     assert stats["cov_mean"] == pytest.approx(-0.144, abs=1e-6)
     assert stats["cov_top_mean"] == pytest.approx(0.864, abs=1e-6)
     assert stats["predicted_dH"] == pytest.approx(0.144, abs=1e-6)
     assert "observed_dH" not in stats and "dH_correlation" not in stats  # nothing to compare with yet
     assert all(math.isfinite(value) for value in stats.values())
-    assert all(kwargs == {"on_step": True, "on_epoch": False, "batch_size": 1} for *_, kwargs in module.logged)
+    assert all(
+        kwargs == {"on_step": True, "on_epoch": False, "batch_size": 1} for *_, kwargs in module.logged
+    )
 
 
 def test_default_top_fraction_averages_one_token():
     monitor, module = EntropyMonitor(), FakeModule()
     end_iteration(monitor, module, hand_outputs())
-    assert module.iteration(0)["cov_top_mean"] == pytest.approx(1.344, abs=1e-6)  # max(floor(2e-4 * 5), 1) = 1
+    assert module.iteration(0)["cov_top_mean"] == pytest.approx(
+        1.344, abs=1e-6
+    )  # max(floor(2e-4 * 5), 1) = 1
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -292,7 +297,9 @@ def test_missing_or_misshapen_outputs_are_errors_naming_them():
         end_iteration(monitor, FakeModule(), outputs)
     outputs = hand_outputs()
     outputs["token_mask"] = torch.ones(3, 3, dtype=torch.bool)
-    with pytest.raises(ConfigError, match=r"outputs\['token_mask'\] has shape \(3, 3\), token_entropy has \(2, 3\)"):
+    with pytest.raises(
+        ConfigError, match=r"outputs\['token_mask'\] has shape \(3, 3\), token_entropy has \(2, 3\)"
+    ):
         end_iteration(monitor, FakeModule(), outputs)
     with pytest.raises(ConfigError, match=r"return a dict with .*got Tensor"):
         end_iteration(monitor, FakeModule(), torch.tensor(1.0))
@@ -398,7 +405,9 @@ class RecordingMonitor(EntropyMonitor):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         metrics = trainer.callback_metrics  # what pl_module.log recorded (earlier iterations' keys persist)
-        self.history.append({k.removeprefix("monitor/"): float(v) for k, v in metrics.items() if "monitor/" in k})
+        self.history.append(
+            {k.removeprefix("monitor/"): float(v) for k, v in metrics.items() if "monitor/" in k}
+        )
 
     def load_state_dict(self, state_dict):
         self.loaded = dict(state_dict)

@@ -1,4 +1,4 @@
-"""`CollapseGuard`: stop the run (or warn) when the entropy stays below a floor, keeping the last good weights.
+"""`CollapseGuard`: stop the run (or warn) when entropy stays below a floor, keeping the last good weights.
 
 In the spirit of Lightning's ``EarlyStopping``, but on the policy's entropy: after every RL iteration it reads
 the rollout's mean token entropy (``outputs["entropy"]``, nats, already synchronised across ranks, so every
@@ -105,7 +105,9 @@ class CollapseGuard(Callback):
         return self.mode == "stop" and self.checkpoint and trainer.checkpoint_callback is not None
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._keeps_weights(trainer):
             # the weights that will sample (and be judged by) this iteration's rollout
             self._candidate = trainable_state(pl_module)
@@ -135,9 +137,9 @@ class CollapseGuard(Callback):
         if self.count < self.patience:
             return
         message = (
-            f"CollapseGuard: the mean token entropy has been below the floor {floor:.4g} nats for {self.count} "
-            f"consecutive RL iterations (patience {self.patience}; now {entropy:.4g} nats at iteration "
-            f"{iteration}; last iteration at or above the floor: {self.last_good_iteration})"
+            f"CollapseGuard: the mean token entropy has been below the floor {floor:.4g} nats for "
+            f"{self.count} consecutive RL iterations (patience {self.patience}; now {entropy:.4g} nats at "
+            f"iteration {iteration}; last iteration at or above the floor: {self.last_good_iteration})"
         )
         if self.mode == "warn":
             if not self.fired:
@@ -148,7 +150,9 @@ class CollapseGuard(Callback):
         # once per episode: if the stop is deferred (Trainer min_steps), restoring again would undo training
         if not self.fired:
             self.fired = True
-            rank_zero_info(message + "; stopping the run (mode='stop')" + self._save_last_good(trainer, pl_module))
+            rank_zero_info(
+                message + "; stopping the run (mode='stop')" + self._save_last_good(trainer, pl_module)
+            )
 
     def _save_last_good(self, trainer: Trainer, pl_module: LightningModule) -> str:
         """Restore the last good weights and checkpoint them; returns the sentence for the stop message."""
@@ -161,8 +165,8 @@ class CollapseGuard(Callback):
         trainer.save_checkpoint(path)
         self.last_good_path = path
         return (
-            f"; the weights from the start of iteration {self.last_good_iteration} are restored in the module "
-            f"and saved to {path}"
+            f"; the weights from the start of iteration {self.last_good_iteration} are restored in the "
+            f"module and saved to {path}"
         )
 
     @override
