@@ -268,6 +268,29 @@ def fit_label(runs: Sequence[RunLog]) -> LawFit | None:
         return None
 
 
+def early_law_error(run: RunLog, fraction: float = 0.15) -> float | None:
+    """|predicted - observed| final accuracy of the law fitted on the run's first ``fraction`` of validations.
+
+    The fit uses the first ``max(2, round(fraction * V))`` of the run's ``V`` validation pairs (the paper fits on
+    the first ~15% of training); the prediction is the law at the last pair's entropy. None when fewer than 3 pairs
+    exist or the early pairs cannot be fitted.
+    """
+    pairs = validation_pairs(run)
+    count = max(2, round(fraction * len(pairs)))
+    if len(pairs) < 3 or count >= len(pairs):
+        return None
+    early = pairs[:count]
+    try:
+        fit = fit_entropy_law(
+            torch.tensor([h for h, _ in early], dtype=torch.float64),
+            torch.tensor([r for _, r in early], dtype=torch.float64),
+        )
+    except DataError:
+        return None
+    final_entropy, final_accuracy = pairs[-1]
+    return abs(float(predict(fit, final_entropy)) - final_accuracy)
+
+
 @dataclass(frozen=True)
 class LabelSummary:
     """The table row of one label. Each ``(mean, std)`` is over seeds (sample std; 0 with one seed); None
@@ -280,6 +303,7 @@ class LabelSummary:
     last_accuracy: tuple[float, float] | None
     pass_at_k: tuple[int, float, float] | None  # (k, mean, std) at the largest k
     fit: LawFit | None
+    early_law_error: tuple[float, float] | None = None  # |pred - obs| final accuracy, law fitted on first 15%
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float] | None:
@@ -317,6 +341,7 @@ def summarize(runs: Sequence[RunLog], last: int = 10) -> list[LabelSummary]:
                 last_accuracy=_mean_std(accuracies),
                 pass_at_k=pass_row,
                 fit=fit_label(group),
+                early_law_error=_mean_std([e for run in group if (e := early_law_error(run)) is not None]),
             )
         )
     return summaries
@@ -340,8 +365,9 @@ def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
     """The markdown table of `summarize`'s rows (numbers to 4 decimals, ``n/a`` where missing)."""
     lines = [
         f"| label | seeds | final entropy (nats, last {last}) | final reward (last {last}) "
-        "| last val/accuracy | pass@k (largest k) | a | b | ceiling (b - a) | R² |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| last val/accuracy | pass@k (largest k) | a | b | ceiling (b - a) | R² "
+        "| law on first 15%: abs. error of final accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summaries:
         if row.pass_at_k is None:
@@ -362,6 +388,7 @@ def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
             _cell(row.last_accuracy, row.seeds),
             pass_cell,
             *fit,
+            _cell(row.early_law_error, row.seeds),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

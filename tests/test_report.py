@@ -178,6 +178,9 @@ def test_report_writes_figures_and_a_table_with_the_expected_numbers(run_dirs, t
         assert float(cells[7]) == pytest.approx(b, abs=1e-4)
         assert float(cells[8]) == pytest.approx(b - a, abs=1e-4)
         assert float(cells[9]) == pytest.approx(1.0, abs=1e-4)
+        # each run follows the law exactly, so the law fitted on its first validations predicts the last one
+        mean, _ = mean_std(cells[10])
+        assert mean == pytest.approx(0.0, abs=1e-4)
 
 
 def test_labels_override_config(run_dirs, tmp_path):
@@ -204,7 +207,7 @@ def test_runs_without_validation_skip_the_validation_figures(tmp_path):
     assert (out / "reward_vs_step.png").stat().st_size > 0
     assert not (out / "accuracy_vs_entropy.png").exists() and not (out / "pass_at_k.png").exists()
     cells = table_rows(out / "report.md")["GRPO"]
-    assert cells[4:] == ["n/a"] * 6  # accuracy, pass@k, a, b, ceiling, R^2
+    assert cells[4:] == ["n/a"] * 7  # accuracy, pass@k, a, b, ceiling, R^2, early-law error
     expected = statistics.fmean(fake_entropy("GRPO", 0, s) for s in range(25, 30))  # --last 5
     assert float(cells[2]) == pytest.approx(expected, abs=1e-4)
 
