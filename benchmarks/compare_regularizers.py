@@ -12,6 +12,7 @@ Runs go to ``<out>/<recipe>/seed<k>``; finished runs are skipped, so an interrup
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -34,7 +35,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--cache", default=".cache/lit_entropy", help="embedded model cache (built once)")
     parser.add_argument("--runs", nargs="*", default=RUNS, help="recipe names under recipes/embedded")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (1: tiny models gain little from more, and "
+        "two jobs with 2 OpenMP threads each on 2 cores slow each other down several times)",
+    )
     args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= args.samples})
     for seed in args.seeds:
         for name in args.runs:
@@ -70,7 +79,7 @@ def main() -> None:
                 "--model.init_args.adapter_dir",
                 str(out / "adapter"),
             ]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True, env=env)
             if result.returncode:
                 print(result.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{name} seed {seed} failed")
