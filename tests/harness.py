@@ -5,6 +5,7 @@ Shapes: ``n`` sequences in a micro-batch, ``m`` in the mini-batch, ``T`` complet
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,40 @@ def short_fit(
     )
     trainer.fit(module, CountdownDataModule(batch_size=2, num_train=32, num_val=4), ckpt_path=ckpt_path)
     return trainer, module
+
+
+class LogRecorder:
+    """Stands in for the LightningModule in direct hook calls: records every ``log`` call."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, float, dict]] = []
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.logged.append((name, float(value), kwargs))
+
+    def values(self, key: str) -> list[float]:
+        return [value for name, value, _ in self.logged if name == key]
+
+    def last(self, key: str) -> float:
+        return self.values(key)[-1]
+
+
+class EntropyLog(Callback):
+    """The entropy each RL iteration reported to the callbacks."""
+
+    def __init__(self) -> None:
+        self.entropies: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.entropies.append(float(outputs["entropy"]))
+
+
+class StateAtStart(Callback):
+    """The watched callback's state when training starts (after a checkpoint was restored)."""
+
+    def __init__(self, watched: Callback) -> None:
+        self.watched = watched
+        self.state: dict | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = copy.deepcopy(self.watched.state_dict())

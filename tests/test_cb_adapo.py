@@ -11,46 +11,14 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from harness import EntropyLog, LogRecorder, StateAtStart, make_view, short_fit
 
 from lit_entropy.callbacks.adapo import ADAPO, entropy_target, next_eps_high
 from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.regularizer import Regularizer, find_regularizers
-from tests.harness import make_view, short_fit
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-class LogRecorder:
-    """Stands in for the LightningModule in direct hook calls: records ``log`` calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, float, dict]] = []
-
-    def log(self, name, value, **kwargs):
-        self.calls.append((name, float(value), kwargs))
-
-
-class EntropyLog(Callback):
-    """The entropy each RL iteration reported to the callbacks."""
-
-    def __init__(self) -> None:
-        self.entropies: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.entropies.append(float(outputs["entropy"]))
-
-
-class StateAtStart(Callback):
-    """The watched callback's state when training starts (after a checkpoint was restored)."""
-
-    def __init__(self, watched: Callback) -> None:
-        self.watched = watched
-        self.state: dict | None = None
-
-    def on_train_start(self, trainer, pl_module):
-        self.state = copy.deepcopy(self.watched.state_dict())
 
 
 class OwnsEpsHigh(Regularizer):
@@ -154,10 +122,10 @@ def test_law_sequence_by_hand_and_logs():
         "target": 2.0,
         "iterations": 6,
     }
-    assert [name for name, _, _ in module.calls] == ["reg/ADAPO/eps_high", "reg/ADAPO/target"] * 6
-    assert [value for _, value, _ in module.calls][::2] == pytest.approx(values)
-    assert [value for _, value, _ in module.calls][1::2] == [2.0] * 6
-    assert all(kw == {"on_step": True, "on_epoch": False, "batch_size": 1} for _, _, kw in module.calls)
+    assert [name for name, _, _ in module.logged] == ["reg/ADAPO/eps_high", "reg/ADAPO/target"] * 6
+    assert [value for _, value, _ in module.logged][::2] == pytest.approx(values)
+    assert [value for _, value, _ in module.logged][1::2] == [2.0] * 6
+    assert all(kw == {"on_step": True, "on_epoch": False, "batch_size": 1} for _, _, kw in module.logged)
 
 
 def test_relative_fraction_and_absolute_targets():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import make_view, short_fit
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback
 
@@ -25,7 +26,6 @@ from lit_entropy.callbacks.covariance import (
 from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.regularizer import MinibatchView
-from tests.harness import make_view, short_fit
 
 # The 2 x 3 example: token (0, 2) is padding (its log-prob 50 would shift every mean if it were counted).
 LOGPROBS = torch.tensor([[-1.0, -2.0, 50.0], [-1.5, -0.2, -3.0]])  # [2, 3]

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from harness import LogRecorder as FakeModule
 from harness import short_fit
 from lightning.pytorch import Callback
 
@@ -16,19 +17,6 @@ from lit_entropy.callbacks.collapse_guard import CHECKPOINT_NAME, CollapseGuard
 from lit_entropy.errors import ConfigError
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-class FakeModule:
-    """Stands in for the LightningModule in on_train_batch_end: records every ``log`` call."""
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[str, float, dict]] = []
-
-    def log(self, name, value, **kwargs):
-        self.logged.append((name, float(value), kwargs))
-
-    def values(self, key: str) -> list[float]:
-        return [value for name, value, _ in self.logged if name == key]
 
 
 class FakeTrainer:

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from harness import LogRecorder as FakeModule
 from harness import make_view, short_fit
 from lightning.pytorch import Callback
 
@@ -22,19 +23,6 @@ from lit_entropy.callbacks.entropy_bonus import (
 from lit_entropy.errors import ConfigError
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-class FakeModule:
-    """Stands in for the LightningModule in on_train_batch_end: records every ``log`` call."""
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[str, float, dict]] = []
-
-    def log(self, name, value, **kwargs):
-        self.logged.append((name, float(value), kwargs))
-
-    def values(self, key: str) -> list[float]:
-        return [value for name, value, _ in self.logged if name == key]
 
 
 def _end_iteration(callback: Callback, module: FakeModule, entropy: float) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from harness import LogRecorder as FakeModule
 from harness import make_view, short_fit
 from lightning.pytorch import Callback
 
@@ -26,19 +27,6 @@ from lit_entropy.cli import LitEntropyCLI
 from lit_entropy.errors import ConfigError
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-class FakeModule:
-    """Stands in for the LightningModule in on_train_batch_end: records every ``log`` call."""
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[str, float, dict]] = []
-
-    def log(self, name, value, **kwargs):
-        self.logged.append((name, float(value), kwargs))
-
-    def last(self, key: str) -> float:
-        return [value for name, value, _ in self.logged if name == key][-1]
 
 
 def _end_iteration(callback: Callback, module: FakeModule, entropy: float) -> None:

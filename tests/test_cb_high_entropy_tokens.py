@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from harness import make_view, short_fit
 
 import lit_entropy.loss
 from lit_entropy.callbacks.clip_cov import ClipCov
@@ -24,7 +25,6 @@ from lit_entropy.callbacks.high_entropy_tokens import (
 from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.regularizer import combine
-from tests.harness import make_view, short_fit
 
 # 10 kept tokens with a tie at 4, and padding (entropy 9, the largest) in the last column of both rows.
 TIED_ENTROPY = torch.tensor([[5.0, 4.0, 4.0, 3.0, 2.0, 9.0], [1.0, 0.5, 0.25, 0.0, 0.0, 9.0]])  # [2, 6]

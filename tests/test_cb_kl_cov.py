@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 import torch
+from harness import make_view, short_fit
 
 from lit_entropy.callbacks.kl_cov import KLCov, kl_cov_penalty, kl_cov_selection
 from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.regularizer import Regularizer, combine, find_regularizers
-from tests.harness import make_view, short_fit
 
 # The 2 x 3 example of test_cb_clip_cov (token (0, 2) is padding). Hand-computed there:
 # cov = [[0.486, -0.414, 0 (padding)], [-0.024, -0.804, 0.876]].

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback
+from harness import EntropyLog, LogRecorder, StateAtStart, make_view, short_fit
 
 from lit_entropy.callbacks.adapo import ADAPO
 from lit_entropy.callbacks.repo import (
@@ -27,40 +27,8 @@ from lit_entropy.callbacks.repo import (
 from lit_entropy.cli import LitEntropyCLI
 from lit_entropy.errors import ConfigError
 from lit_entropy.regularizer import Regularizer, combine, find_regularizers
-from tests.harness import make_view, short_fit
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-class LogRecorder:
-    """Stands in for the LightningModule in direct hook calls: records ``log`` calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, float, dict]] = []
-
-    def log(self, name, value, **kwargs):
-        self.calls.append((name, float(value), kwargs))
-
-
-class EntropyLog(Callback):
-    """The entropy each RL iteration reported to the callbacks."""
-
-    def __init__(self) -> None:
-        self.entropies: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.entropies.append(float(outputs["entropy"]))
-
-
-class StateAtStart(Callback):
-    """The watched callback's state when training starts (after a checkpoint was restored)."""
-
-    def __init__(self, watched: Callback) -> None:
-        self.watched = watched
-        self.state: dict | None = None
-
-    def on_train_start(self, trainer, pl_module):
-        self.state = copy.deepcopy(self.watched.state_dict())
 
 
 class OwnsAdvantages(Regularizer):
@@ -249,11 +217,11 @@ def test_controller_sequence_by_hand_and_logs():
         zetas.append(repo.zeta)
     assert zetas == pytest.approx([0.02, 0.04, 0.05, 0.025])
     assert repo.state_dict() == {"zeta": pytest.approx(0.025), "target": 1.0, "iterations": 4}
-    assert [name for name, _, _ in module.calls] == ["reg/REPO/zeta", "reg/REPO/target"] * 4
-    assert [value for _, value, _ in module.calls] == pytest.approx(
+    assert [name for name, _, _ in module.logged] == ["reg/REPO/zeta", "reg/REPO/target"] * 4
+    assert [value for _, value, _ in module.logged] == pytest.approx(
         [0.02, 1.0, 0.04, 1.0, 0.05, 1.0, 0.025, 1.0]
     )
-    assert all(kw == {"on_step": True, "on_epoch": False, "batch_size": 1} for _, _, kw in module.calls)
+    assert all(kw == {"on_step": True, "on_epoch": False, "batch_size": 1} for _, _, kw in module.logged)
 
 
 @pytest.mark.parametrize(
