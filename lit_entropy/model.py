@@ -266,6 +266,44 @@ def reference_context(model: torch.nn.Module) -> contextlib.AbstractContextManag
     raise ConfigError("a reference policy needs LoRA adapters: set policy.lora or kl_coef: 0")
 
 
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, head)`` of a causal LM, peft-wrapped or not, or ``None`` when either cannot be found.
+
+    ``decoder(input_ids, ...)`` returns the final hidden states (``last_hidden_state``, after the last norm)
+    and ``head`` maps them to logits; LoRA layers live inside both, so adapters (and `reference_context`)
+    apply when they are called directly.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder()
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+@torch.no_grad()
+def head_reproduces_logits(model: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """Whether ``head(decoder(x))`` equals ``model(x).logits`` on a few tokens (eval mode, no dropout).
+
+    False for models whose forward does more than project the last hidden state (logit soft-capping, logit
+    scaling): the caller then falls back to the model's own logits.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        vocab = int(head.weight.shape[0]) if hasattr(head, "weight") else 2
+        input_ids = (torch.arange(1, 6, device=device) % vocab).unsqueeze(0)  # [1, 5]
+        logits = model(input_ids=input_ids, use_cache=False).logits.float()
+        projected = head(decoder(input_ids=input_ids, use_cache=False).last_hidden_state).float()
+        return projected.shape == logits.shape and torch.allclose(projected, logits, rtol=1e-3, atol=1e-3)
+    finally:
+        model.train(was_training)
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters that require grad, in ``model.parameters()`` order (what the optimizer should get)."""
     return [param for param in model.parameters() if param.requires_grad]

@@ -33,8 +33,18 @@ from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError
 from lit_entropy.evaluation import distinct_correct, pass_at_k
 from lit_entropy.functional import group_advantages, token_logprobs_and_entropy, zero_std_fraction
+from lit_entropy.head import head_logprobs_and_entropy
 from lit_entropy.loss import Loss, microbatch_loss
-from lit_entropy.model import LoRA, Policy, Quantization, load_policy, reference_context, trainable_parameters
+from lit_entropy.model import (
+    LoRA,
+    Policy,
+    Quantization,
+    causal_lm_parts,
+    head_reproduces_logits,
+    load_policy,
+    reference_context,
+    trainable_parameters,
+)
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import MinibatchView, Regularizer, find_regularizers
 from lit_entropy.rewards import Reward, RewardScorer
@@ -70,6 +80,10 @@ class GRPO(LightningModule):
             k <= val_num_samples). A sample is correct when the first reward function gives it >= 1.0.
         adapter_dir: where the adapter is saved in peft format at the end of fit (default: ``<log_dir>/adapter``).
         seed: seeds the shuffling of rollouts into mini-batches.
+        fused_head: compute log-probs and entropy from the final hidden states and the output head, chunk by
+            chunk (`lit_entropy.head`), never holding ``[n, T, V]`` logits. Falls back to the model's logits,
+            with a warning, when the model's forward does more than project its last hidden state.
+        head_chunk_size: rows per chunk of that computation (default: about 2**25 fp32 logits per chunk).
     """
 
     def __init__(
@@ -92,6 +106,8 @@ class GRPO(LightningModule):
         pass_at_k: list[int] | None = None,
         adapter_dir: str | None = None,
         seed: int = 0,
+        fused_head: bool = True,
+        head_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -114,9 +130,13 @@ class GRPO(LightningModule):
         self.pass_at_k = sorted(set(pass_at_k or []))
         self.adapter_dir = adapter_dir
         self.seed = seed
+        self.fused_head = fused_head
+        self.head_chunk_size = head_chunk_size
         self._validate()
         self.reward_scorer = RewardScorer(rewards, on_error=reward_on_error)
         self.policy: torch.nn.Module | None = None
+        # (decoder, head) of the policy for the fused head path; a tuple so they are not registered twice
+        self._lm_parts: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self.tokenizer: Any = None
         self._regularizers: list[Regularizer] = []
         self._shuffle = torch.Generator().manual_seed(seed)
@@ -150,6 +170,8 @@ class GRPO(LightningModule):
             raise ConfigError(
                 f"pass_at_k values must be in [1, val_num_samples={self.val_num_samples}], got {self.pass_at_k}"
             )
+        if self.head_chunk_size is not None and self.head_chunk_size < 1:
+            raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
@@ -165,6 +187,16 @@ class GRPO(LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
+        self._lm_parts = None
+        if self.fused_head:
+            parts = causal_lm_parts(self.policy)
+            if parts is not None and head_reproduces_logits(self.policy, *parts):
+                self._lm_parts = parts
+            else:
+                log.warning(
+                    "lit_entropy: fused_head is on but this model's logits are not its output head applied to "
+                    "its last hidden state; computing log-probs from the full logits instead"
+                )
         self.policy.train()  # from_pretrained returns eval mode; generation switches to eval explicitly
 
     @override
@@ -211,18 +243,37 @@ class GRPO(LightningModule):
 
     # ------------------------------------------------------------------ forward passes
 
-    def sequence_logprobs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    def sequence_logprobs(self, batch: SequenceBatch, entropy_grad: bool = True) -> tuple[Tensor, Tensor]:
         """fp32 log-probs and entropy of the completion tokens: ``([n, T], [n, T])`` (padded to the rollout's T).
 
-        Logits are kept only for the completion positions (``logits_to_keep``) and divided by the sampling
-        temperature, so entropy is that of the distribution that was actually sampled.
+        Only the completion positions are projected to the vocabulary, divided by the sampling temperature, so
+        entropy is that of the distribution that was actually sampled. With ``fused_head`` the projection is
+        chunked (`head_logprobs_and_entropy`); otherwise the model returns those logits (``logits_to_keep``).
+        ``entropy_grad=False`` returns a detached entropy (cheaper backward).
         """
         completion_length = batch.completion_ids.shape[1]
-        outputs = self.policy(**batch.model_inputs(), logits_to_keep=completion_length + 1, use_cache=False)
-        logits = outputs.logits[:, :-1]  # [n, T', V]: position t predicts completion token t
-        logprobs, entropy = token_logprobs_and_entropy(
-            logits, batch.completion_ids, self.sampling.temperature
-        )
+        if self._lm_parts is not None:
+            decoder, head = self._lm_parts
+            hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+            hidden = hidden[:, -(completion_length + 1) : -1]  # [n, T', H]: position t predicts token t
+            logprobs, entropy = head_logprobs_and_entropy(
+                hidden,
+                head,
+                batch.completion_ids,
+                self.sampling.temperature,
+                self.head_chunk_size,
+                entropy_grad=entropy_grad,
+            )
+        else:
+            outputs = self.policy(
+                **batch.model_inputs(), logits_to_keep=completion_length + 1, use_cache=False
+            )
+            logits = outputs.logits[:, :-1]  # [n, T', V]: position t predicts completion token t
+            logprobs, entropy = token_logprobs_and_entropy(
+                logits, batch.completion_ids, self.sampling.temperature
+            )
+            if not entropy_grad:
+                entropy = entropy.detach()
         return batch.pad_to_rollout(logprobs), batch.pad_to_rollout(entropy)
 
     @torch.no_grad()
@@ -322,9 +373,9 @@ class GRPO(LightningModule):
                     mb_stats = self._minibatch_stats(rollout, mb_rows, microbatch)
                 for mc_start in range(0, minibatch, microbatch):
                     rows = mb_rows[mc_start : mc_start + microbatch]
-                    logprobs, entropy = self.sequence_logprobs(rollout.select(rows))
-                    if not needs_entropy_grad:
-                        entropy = entropy.detach()
+                    logprobs, entropy = self.sequence_logprobs(
+                        rollout.select(rows), entropy_grad=needs_entropy_grad
+                    )
                     mb_logprobs, mb_entropy = mb_stats
                     if needs_stats and mb_logprobs is None:  # the micro-batch is the whole mini-batch
                         mb_logprobs, mb_entropy = logprobs.detach(), entropy.detach()
