@@ -98,9 +98,7 @@ class _FrozenLinearHead(torch.autograd.Function):
                 grad_ent[rows] = (centered.to(weight.dtype) @ weight).to(torch.float32) / (-temperature)
             del probs, centered
         ctx.hidden_dtype = hidden.dtype
-        ctx.save_for_backward(
-            *(t for t in (grad_lp, grad_ent) if t is not None)
-        )
+        ctx.save_for_backward(*(t for t in (grad_lp, grad_ent) if t is not None))
         ctx.has_grad_ent = grad_ent is not None
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -118,7 +116,9 @@ class _FrozenLinearHead(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None, None, None
 
 
-def _module_head_rows(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _module_head_rows(
+    head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     return _logprobs_and_entropy_rows(head(hidden), tokens, temperature)
 
 

@@ -241,7 +241,9 @@ def test_module_fused_head_on_a_4bit_model(tiny_model_dir):
         torch.testing.assert_close(a[2][name], b[2][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_module_falls_back_to_logits_when_the_head_does_not_reproduce_them(tiny_model_dir, caplog, monkeypatch):
+def test_module_falls_back_to_logits_when_the_head_does_not_reproduce_them(
+    tiny_model_dir, caplog, monkeypatch
+):
     import lit_entropy.module
 
     monkeypatch.setattr(lit_entropy.module, "head_reproduces_logits", lambda *args: False)
