@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lit_entropy.errors import ConfigError
 
@@ -63,6 +63,10 @@ class Rollout:
         completions: ``N`` decoded completion texts (special tokens removed).
         examples: ``N`` dataset rows (each prompt's row repeated ``G`` times), passed to reward functions.
         group_size: ``G``.
+        sampler_logprobs: ``[N, T]`` fp32 log-prob of each completion token recorded during generation,
+            ``log_softmax(logits.float() / temperature)[token]`` over the full vocabulary (before top-k/top-p
+            truncation), 0 where ``completion_mask`` is False; None unless generated with
+            ``record_logprobs=True``.
     """
 
     prompt_ids: Tensor
@@ -73,6 +77,7 @@ class Rollout:
     completions: list[str]
     examples: list[Mapping[str, Any]]
     group_size: int
+    sampler_logprobs: Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -85,6 +90,7 @@ class Rollout:
             self.prompt_mask[index],
             self.completion_ids[index],
             self.completion_mask[index],
+            None if self.sampler_logprobs is None else self.sampler_logprobs[index],
         )
 
 
@@ -101,10 +107,16 @@ class SequenceBatch:
     completion_ids: Tensor  # [n, T']
     completion_mask: Tensor  # [n, T']
     completion_length: int  # T of the untrimmed rollout, to pad results back
+    sampler_logprobs: Tensor | None = None  # [n, T'] fp32, the rollout's sampler log-probs of these rows
 
     @classmethod
     def from_parts(
-        cls, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+        cls,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        sampler_logprobs: Tensor | None = None,
     ) -> SequenceBatch:
         full_length = completion_ids.shape[1]
         # left padding: the first column any row uses; right padding: the last column any row uses
@@ -118,6 +130,7 @@ class SequenceBatch:
             completion_ids[:, :stop],
             completion_mask[:, :stop],
             full_length,
+            None if sampler_logprobs is None else sampler_logprobs[:, :stop],
         )
 
     def model_inputs(self) -> dict[str, Tensor]:
@@ -159,6 +172,63 @@ def completion_keep_mask(completion_ids: Tensor, eos_token_id: int | Sequence[in
     return mask, truncated
 
 
+class SamplerLogprobRecorder(LogitsProcessor):
+    """Records the log-prob of every sampled token while ``generate`` runs, in ``O(N*V)`` memory.
+
+    Passed to ``generate`` through ``logits_processor``: transformers runs such custom processors after its
+    own logits processors (none are enabled by :func:`generate_rollout`) but *before* the temperature/top-k/
+    top-p warpers, so ``scores`` are the model's raw next-token logits (fp32). Each call keeps one ``[N, V]`` fp32 log-softmax of the current step at
+    ``temperature`` (``z = scores / temperature``, ``z - logsumexp(z)``, as
+    :func:`lit_entropy.functional.token_logprobs_and_entropy` computes it) and gathers the previous step's
+    at ``input_ids[:, -1]``, the token just sampled from it; :meth:`finish` gathers the last step once
+    ``generate`` has returned. ``output_logits``/``output_scores`` would instead keep ``[N, T, V]``.
+
+    Scores are returned unchanged, so sampling is unaffected. One instance serves one ``generate`` call.
+
+    Args:
+        temperature: sampling temperature (> 0).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature} must be > 0")
+        self.temperature = temperature
+        self._pending: Tensor | None = None  # [N, V] log-softmax of the last step seen, token not yet known
+        self._steps: list[Tensor] = []  # one [N] fp32 log-prob per step whose token is known
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._pending is not None:
+            self._steps.append(self._gather(self._pending, input_ids[:, -1]))
+        z = scores.to(torch.float32) / self.temperature  # [N, V], a new tensor: scores stay untouched
+        self._pending = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        return scores
+
+    @staticmethod
+    def _gather(logprobs: Tensor, tokens: Tensor) -> Tensor:
+        return logprobs.gather(-1, tokens.to(logprobs.device, torch.long).unsqueeze(-1)).squeeze(-1)
+
+    def finish(self, completion_ids: Tensor) -> Tensor:
+        """``[N, T]`` fp32 log-probs of ``completion_ids`` (the ``T`` tokens ``generate`` returned).
+
+        Generation may have run one step more than it returns (a deferred stop check undoes it): steps past
+        ``T`` are dropped. Positions after a row's EOS hold the log-prob of its padding; mask them.
+        """
+        length = completion_ids.shape[1]
+        steps = self._steps[:length]
+        if len(steps) == length - 1 and self._pending is not None:
+            steps.append(self._gather(self._pending, completion_ids[:, -1]))
+        if len(steps) != length:
+            raise RuntimeError(
+                f"recorded {len(self._steps) + (self._pending is not None)} generation steps for {length} "
+                "completion tokens; was the recorder used for more than one generate call?"
+            )
+        self._pending = None
+        self._steps = []
+        if not steps:
+            return torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+        return torch.stack(steps, dim=1).to(completion_ids.device)  # [N, T]
+
+
 @torch.no_grad()
 def generate_rollout(
     model: torch.nn.Module,
@@ -169,6 +239,8 @@ def generate_rollout(
     device: torch.device,
     greedy: bool = False,
     num_samples: int | None = None,
+    *,
+    record_logprobs: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` (default ``sampling.group_size``) completions for each prompt.
 
@@ -181,6 +253,11 @@ def generate_rollout(
         device: where the ids go.
         greedy: decode greedily (validation accuracy) instead of sampling.
         num_samples: completions per prompt; defaults to ``sampling.group_size``.
+        record_logprobs: also record ``Rollout.sampler_logprobs``, each sampled token's fp32 log-prob at
+            ``sampling.temperature`` over the full vocabulary (top-k/top-p truncation is not applied: it is
+            the quantity the trainer recomputes as old log-probs). With ``greedy`` it is recorded the same way
+            (the policy's log-prob of the greedy token at ``sampling.temperature``), not the degenerate
+            log-prob 0 of greedy decoding. Costs one fp32 ``[N, V]`` buffer and a log-softmax per step.
 
     Returns:
         The rollout, ``N = B * num_samples`` rows, group-contiguous.
@@ -202,19 +279,35 @@ def generate_rollout(
     prompt_ids = prompt_ids.repeat_interleave(per_prompt, dim=0)  # [N, P]
     prompt_mask = prompt_mask.repeat_interleave(per_prompt, dim=0)  # [N, P]
     eos = tokenizer.eos_token_id
+    # Unset (None) fields are filled from the model's generation_config and then transformers' defaults
+    # (top_k=50, a checkpoint's repetition_penalty/min_length...), so everything that shapes the sampled
+    # distribution is set explicitly: top_k=0 is "off", and nothing forces a minimum length, so generation
+    # stops as soon as every row has produced EOS.
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=0,  # overrides any min_length (with min_length set too, transformers warns each call)
         do_sample=not greedy,
         temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p,
-        top_k=None if greedy else sampling.top_k,
+        top_k=None if greedy else (sampling.top_k or 0),
+        repetition_penalty=1.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos,
         use_cache=True,
     )
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config)
+    recorder = SamplerLogprobRecorder(sampling.temperature) if record_logprobs else None
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask.long(),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+    )
     completion_ids = out[:, prompt_ids.shape[1] :]  # [N, T]
     completion_mask, truncated = completion_keep_mask(completion_ids, eos)
+    sampler_logprobs = None
+    if recorder is not None:
+        logprobs = recorder.finish(completion_ids)  # [N, T] fp32
+        sampler_logprobs = torch.where(completion_mask, logprobs, torch.zeros_like(logprobs))
     # decode only the kept tokens; EOS and padding are special and dropped
     texts = tokenizer.batch_decode(
         completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id), skip_special_tokens=True
@@ -229,4 +322,5 @@ def generate_rollout(
         completions=texts,
         examples=repeated_examples,
         group_size=per_prompt,
+        sampler_logprobs=sampler_logprobs,
     )
