@@ -1,0 +1,580 @@
+"""lit_entropy's `GRPO` against TRL's `GRPOTrainer`: one RL iteration of each, configured alike, side by side.
+
+Both sides train the embedded default model (recipes/embedded/grpo.yaml: the tiny Qwen2-style countdown model,
+built once in ``--cache`` by `prepare_embedded_model`) through LoRA, on the same countdown prompts in the same
+order, with the same reward function, and report wall seconds per RL iteration and peak memory.
+
+One RL iteration = sampling ``G`` completions for each of ``B`` prompts (``N = B*G``), scoring them, group
+advantages, then every optimizer update made on that rollout (``ppo_epochs * N / minibatch`` updates). What is
+timed:
+
+- lit_entropy: one ``training_step`` (Lightning's ``on_train_batch_start`` -> ``on_train_batch_end``), which is
+  exactly one RL iteration: generation, rewards, advantages, old log-probs (when updates > 1), every micro-batch
+  forward/backward, clipping, optimizer steps, its metric logging.
+- TRL: from ``on_step_begin`` of the first optimizer step of a rollout to ``on_step_end`` of its last. TRL
+  generates lazily inside the first micro-step of that window (``_prepare_inputs``: generation, rewards,
+  advantages, old log-probs) and replays the buffered rollout in the following micro-steps; the window also holds
+  the trainer's fetches of the (buffered, tiny) prompt batches between those steps.
+
+Configuration mapping (ours -> TRL ``GRPOConfig``); ``N = B*G``, ``m`` mini-batch, ``n`` micro-batch:
+
+    data batch_size B (prompts / iteration)   generation_batch_size = N  (B prompts, each repeated G times)
+    sampling.group_size G                     num_generations = G
+    sampling.max_new_tokens                   max_completion_length
+    sampling.temperature / top_p              temperature / top_p
+    sampling.top_k None (transformers then    top_k = 50  (TRL's default 0 disables top-k; 50 matches ours)
+      applies its global default top_k=50)
+    microbatch_size n                         per_device_train_batch_size = n (TRL counts completions)
+    minibatch_size m                          gradient_accumulation_steps = m / n
+    N / n micro-batches per rollout           steps_per_generation = N / n
+    ppo_epochs E                              num_iterations = E
+    -> updates per rollout E*N/m              -> optimizer steps per generation E*(N/n)/(m/n) = E*N/m
+    loss.kl_coef 0 (no reference pass)        beta = 0.0 (no reference model is loaded)
+    loss.eps_low / eps_high 0.2 / 0.2         epsilon = 0.2, epsilon_high = 0.2
+    loss.advantage grpo, scale group          scale_rewards = "group" (TRL's GRPO advantages)
+    loss.aggregation token-mean               loss_type = "dapo" (see the caveat below)
+    learning_rate 1e-3, AdamW (torch          learning_rate = 1e-3, optim = "adamw_torch", weight_decay = 0.01,
+      defaults: weight decay 0.01), no        lr_scheduler_type = "constant", warmup 0
+      scheduler
+    max_grad_norm 1.0                         max_grad_norm = 1.0
+    LoRA r 16, alpha 32, dropout 0,           peft_config = LoraConfig(CAUSAL_LM, r=16, lora_alpha=32,
+      all-linear                                lora_dropout=0, target_modules="all-linear")
+    policy fp32, no gradient checkpointing    model_init_kwargs dtype float32, bf16 = False,
+                                              gradient_checkpointing = False (TRL's default is True)
+    CountdownDataModule(shuffle=False)        shuffle_dataset = False (so both see the same prompts in order)
+    tokenizer: load_tokenizer(folder)         processing_class = that same PreTrainedTokenizerFast instance
+                                              (AutoTokenizer would build a Qwen2 tokenizer from config.json)
+    prompts: render_prompt (no chat           the rendered strings (plain-text prompts: TRL tokenizes them
+      template on the char tokenizer)           as they are)
+    reward countdown_reward (RewardScorer)    a TRL-signature wrapper around the same RewardScorer
+    no validation / checkpoint / logger       eval/save/logging strategy "no", report_to "none",
+                                              dataloader_num_workers 0, use_cpu on CPU
+
+Not identical (none should matter for speed): TRL's ``dapo`` divides each mini-batch's token-loss sum by the
+rollout's mean kept tokens per mini-batch, ours (``token-mean``) by that mini-batch's own kept tokens (equal in
+expectation); TRL computes log-probs with its chunked fused LM head while ours slices the logits of completion
+positions; rollouts are shuffled into micro-batches once per rollout by TRL (reused by every epoch) and once per
+epoch by ours; both sample, so completion lengths differ between the sides: the mean completion length and the
+seconds per 1k completion tokens are printed too.
+
+Memory: each side runs in a fresh subprocess (one at a time, never concurrently). ``RSS at start`` is taken when
+training starts (model, LoRA and optimizer built; Lightning ``on_train_start``, TRL ``on_train_begin``); the peak
+RSS of the iterations is then tracked by resetting the kernel's high-water mark (``/proc/self/clear_refs``) at
+that point (elsewhere: ``ru_maxrss`` since process start). Printed: peak minus start (the iterations' working
+memory) and the absolute peak (imports and load included). On CUDA: ``torch.cuda.max_memory_allocated`` after a
+reset at the same point.
+
+Each subprocess runs 1 warm-up iteration (not timed) then ``--iterations`` timed ones, with the same torch seed
+and ``--threads`` torch threads; the sides alternate for ``--rounds`` rounds (order flipped every round) and
+medians over every timed iteration are printed. Usage (CPU; the first run also builds the embedded model):
+
+    .venv/bin/python benchmarks/vs_trl.py [--iterations 5] [--rounds 2] [--threads N] [--cache .cache/lit_entropy]
+    .venv/bin/python benchmarks/vs_trl.py --iterations 1 --rounds 1 --prompts 4 --group 4   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULT_PREFIX = "VS_TRL_RESULT "
+SIDES = ("lit_entropy", "trl")
+REWARD_FN = "lit_entropy.countdown.countdown_reward"
+# transformers' global default, applied to our Sampling(top_k=None); TRL's own default 0 turns top-k off
+TRL_TOP_K = 50
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+class MemoryProbe:
+    """RSS (and CUDA memory) at the start of training and the peak over the iterations after it."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.rss_start = 0
+        self.peak_before = 0
+        self.peak_resettable = False
+        self.cuda_start = 0
+
+    def start(self) -> None:
+        import psutil
+        import torch
+
+        self.rss_start = psutil.Process().memory_info().rss
+        self.peak_before = _peak_rss()  # imports + model load
+        try:  # "5" resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self.peak_resettable = True
+        except OSError:
+            self.peak_resettable = False
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_start = torch.cuda.memory_allocated()
+
+    def result(self) -> dict[str, Any]:
+        import torch
+
+        peak = _peak_rss()
+        out = {
+            "rss_start": self.rss_start,
+            "peak_rss_train": peak,
+            "peak_rss_abs": max(peak, self.peak_before),
+            "peak_resettable": self.peak_resettable,
+        }
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            out["cuda_start"] = self.cuda_start
+            out["cuda_peak"] = torch.cuda.max_memory_allocated()
+        return out
+
+
+def _peak_rss() -> int:
+    """Peak RSS in bytes: ``VmHWM`` (resettable) where /proc exists, else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _setup_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+def _sizes(args: argparse.Namespace) -> dict[str, int]:
+    """``N``, ``m``, ``n`` and the updates per rollout from the CLI (checked in the parent)."""
+    num = args.prompts * args.group
+    minibatch = args.minibatch or num // 2
+    microbatch = args.microbatch or minibatch
+    return {
+        "num": num,
+        "minibatch": minibatch,
+        "microbatch": microbatch,
+        "updates": args.ppo_epochs * (num // minibatch),
+    }
+
+
+def _countdown_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The training rows both sides use, in the order both consume them (no shuffling)."""
+    data = _datamodule(args)
+    data.setup("fit")
+    return list(data.train_rows)
+
+
+def _datamodule(args: argparse.Namespace) -> Any:
+    from lit_entropy import CountdownDataModule
+
+    # the embedded recipe's task settings (3 numbers, 2..3 terms); one batch per iteration, warm-up included
+    return CountdownDataModule(
+        batch_size=args.prompts,
+        num_train=args.prompts * (args.iterations + 1),
+        num_val=0,
+        seed=args.seed,
+        num_numbers=3,
+        min_terms=2,
+        max_terms=3,
+        shuffle=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the two sides
+
+
+def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
+    """One fit of 1 + ``iterations`` RL iterations of lit_entropy's `GRPO`; seconds and tokens of each."""
+    _setup_worker(args)
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from lit_entropy import GRPO, LoRA, Loss, Policy, Reward, Sampling
+
+    seed_everything(args.seed, verbose=False)
+    sizes = _sizes(args)
+    probe = MemoryProbe(args.device)
+    seconds: list[float] = []
+    tokens: list[int] = []
+    state: dict[str, Any] = {"threads": 0}
+
+    class Timer(Callback):
+        def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+            import torch
+
+            state["threads"] = torch.get_num_threads()
+            probe.start()
+
+        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _sync(args.device)
+            state["started"] = time.perf_counter()
+
+        def on_train_batch_end(
+            self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            _sync(args.device)
+            seconds.append(time.perf_counter() - state["started"])
+            tokens.append(int(outputs["token_mask"].sum()))
+            state["memory"] = probe.result()
+
+    with tempfile.TemporaryDirectory(prefix="vs_trl_lit_") as folder:
+        module = GRPO(
+            policy=Policy(path=args.folder, lora=LoRA(r=16, alpha=32)),
+            rewards=[Reward(fn=REWARD_FN)],
+            sampling=Sampling(
+                group_size=args.group,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+            ),
+            loss=Loss(eps_low=0.2, eps_high=0.2),
+            ppo_epochs=args.ppo_epochs,
+            minibatch_size=sizes["minibatch"],
+            microbatch_size=sizes["microbatch"],
+            learning_rate=args.lr,
+            val_num_samples=0,
+            adapter_dir=os.path.join(folder, "adapter"),
+            seed=args.seed,
+        )
+        trainer = Trainer(
+            accelerator="gpu" if args.device == "cuda" else "cpu",
+            devices=1,
+            max_steps=(args.iterations + 1) * sizes["updates"],  # optimizer updates
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=folder,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[Timer()],
+        )
+        trainer.fit(module, _datamodule(args))
+    return {"seconds": seconds, "tokens": tokens, "threads": state["threads"], **state["memory"]}
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's `GRPOTrainer` for 1 + ``iterations`` rollouts; seconds and tokens of each."""
+    _setup_worker(args)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lit_entropy.prompts import render_prompt
+    from lit_entropy.rewards import Reward, RewardScorer
+    from lit_entropy.tokenizer import load_tokenizer
+
+    sizes = _sizes(args)
+    updates = sizes["updates"]
+    probe = MemoryProbe(args.device)
+    seconds: list[float] = []
+    tokens: list[int] = []
+    state: dict[str, Any] = {"threads": 0}
+
+    tokenizer = load_tokenizer(args.folder)  # a PreTrainedTokenizerFast, not what AutoTokenizer would build
+    rows = [{**row, "prompt": render_prompt(row["prompt"], tokenizer)} for row in _countdown_rows(args)]
+    scorer = RewardScorer([Reward(fn=REWARD_FN)])
+
+    def countdown_reward(
+        prompts: list[str], completions: list[str], completion_ids: list[list[int]], **columns: Any
+    ) -> list[float]:
+        # completion_ids are cut after the first EOS (EOS kept): the same tokens as our completion mask
+        tokens.append(sum(len(ids) for ids in completion_ids))
+        examples = [
+            {"answer": answer, "numbers": numbers}
+            for answer, numbers in zip(columns["answer"], columns["numbers"], strict=True)
+        ]
+        return scorer(completions, examples).total.tolist()
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
+            torch.set_num_threads(args.threads)  # in case the trainer's setup changed it
+            state["threads"] = torch.get_num_threads()
+            probe.start()
+
+        def on_step_begin(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
+            if trainer_state.global_step % updates == 0:  # the first update of a rollout: it generates
+                _sync(args.device)
+                state["started"] = time.perf_counter()
+
+        def on_step_end(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
+            if trainer_state.global_step % updates == 0:  # global_step already counts this update
+                _sync(args.device)
+                seconds.append(time.perf_counter() - state["started"])
+                state["memory"] = probe.result()
+
+    cpu = args.device == "cpu"
+    with tempfile.TemporaryDirectory(prefix="vs_trl_trl_") as folder:
+        config = GRPOConfig(
+            output_dir=folder,
+            seed=args.seed,
+            data_seed=args.seed,
+            use_cpu=cpu,
+            bf16=False,
+            fp16=False,
+            model_init_kwargs={"dtype": "float32"},
+            gradient_checkpointing=False,
+            # batching: one generation of N completions, E*N/m optimizer steps of m, micro-batches of n
+            num_generations=args.group,
+            generation_batch_size=sizes["num"],
+            per_device_train_batch_size=sizes["microbatch"],
+            gradient_accumulation_steps=sizes["minibatch"] // sizes["microbatch"],
+            num_iterations=args.ppo_epochs,
+            max_steps=(args.iterations + 1) * updates,
+            shuffle_dataset=False,
+            # sampling
+            max_completion_length=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=TRL_TOP_K,
+            # objective
+            beta=0.0,
+            epsilon=0.2,
+            epsilon_high=0.2,
+            scale_rewards="group",
+            loss_type="dapo",
+            mask_truncated_completions=False,
+            # optimizer
+            learning_rate=args.lr,
+            optim="adamw_torch",
+            weight_decay=0.01,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            # no logging, evaluation or saving
+            report_to="none",
+            logging_strategy="no",
+            eval_strategy="no",
+            save_strategy="no",
+            log_completions=False,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=not cpu,
+        )
+        trainer = GRPOTrainer(
+            model=args.folder,
+            reward_funcs=countdown_reward,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(
+                task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"
+            ),
+            callbacks=[Timer()],
+        )
+        trainer.train()
+    return {"seconds": seconds, "tokens": tokens, "threads": state["threads"], **state["memory"]}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+
+
+def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]:
+    """Run one side in a fresh subprocess and return its result (raises with its output's tail on failure)."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--folder", folder]
+    for name in (
+        "iterations",
+        "threads",
+        "device",
+        "prompts",
+        "group",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "minibatch",
+        "microbatch",
+        "ppo_epochs",
+        "lr",
+        "seed",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(args.threads)
+    done = subprocess.run(command, env=env, capture_output=not args.verbose, text=True, check=False)
+    output = (done.stdout or "") + (done.stderr or "")
+    results = [line for line in (done.stdout or "").splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not results:
+        raise RuntimeError(f"{side} worker failed (exit {done.returncode}):\n{output[-4000:]}")
+    return json.loads(results[-1][len(RESULT_PREFIX) :])
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
+    sizes = _sizes(args)
+    rows: dict[str, dict[str, float]] = {}
+    for side in SIDES:
+        runs = results[side]
+        seconds = [s for run in runs for s in run["seconds"][1:]]  # the first iteration is the warm-up
+        tokens = [t for run in runs for t in run["tokens"][1:]]
+        per_token = [s / t * 1000 for s, t in zip(seconds, tokens, strict=True) if t]
+        rows[side] = {
+            "s_iter": statistics.median(seconds),
+            "length": statistics.mean(tokens) / sizes["num"],
+            "s_1k": statistics.median(per_token),
+            "tok_s": statistics.median([t / s for s, t in zip(seconds, tokens, strict=True)]),
+            "start": max(run["rss_start"] for run in runs),
+            "delta": max(run["peak_rss_train"] - run["rss_start"] for run in runs),
+            "peak": max(run["peak_rss_abs"] for run in runs),
+            "timed": len(seconds),
+            "threads": runs[0]["threads"],
+        }
+        if args.device == "cuda":
+            rows[side]["cuda_peak"] = max(run["cuda_peak"] for run in runs)
+            rows[side]["cuda_delta"] = max(run["cuda_peak"] - run["cuda_start"] for run in runs)
+    ours, trl = rows["lit_entropy"], rows["trl"]
+    print(
+        f"\nB={args.prompts} prompts x G={args.group} = N={sizes['num']} completions of <= {args.max_new_tokens} "
+        f"tokens; {sizes['updates']} update(s) per rollout (mini-batch {sizes['minibatch']}, micro-batch "
+        f"{sizes['microbatch']}, {args.ppo_epochs} epoch(s)); device {args.device}, torch threads "
+        f"{ours['threads']} / {trl['threads']}; {args.rounds} round(s) x {args.iterations} timed iteration(s)"
+    )
+    memory_note = "" if all(r["peak_resettable"] for rs in results.values() for r in rs) else " (since start)"
+    print(
+        "| side | timed its | s/iter | mean completion len | s / 1k tokens | tokens/s | "
+        f"RSS at start MiB | peak - start MiB{memory_note} | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for side in SIDES:
+        row = rows[side]
+        print(
+            f"| {side} | {row['timed']} | {row['s_iter']:.3f} | {row['length']:.2f} | {row['s_1k']:.3f} | "
+            f"{row['tok_s']:.0f} | {_mib(row['start'])} | {_mib(row['delta'])} | {_mib(row['peak'])} |"
+        )
+    delta_ratio = ours["delta"] / trl["delta"] if trl["delta"] > 0 else float("nan")
+    print(
+        f"| ours / TRL | | {ours['s_iter'] / trl['s_iter']:.3f} | {ours['length'] / trl['length']:.3f} | "
+        f"{ours['s_1k'] / trl['s_1k']:.3f} | {ours['tok_s'] / trl['tok_s']:.3f} | "
+        f"{ours['start'] / trl['start']:.3f} | {delta_ratio:.3f} | {ours['peak'] / trl['peak']:.3f} |"
+    )
+    if args.device == "cuda":
+        print(
+            f"CUDA max_memory_allocated MiB: ours {_mib(ours['cuda_peak'])} (iterations {_mib(ours['cuda_delta'])})"
+            f", TRL {_mib(trl['cuda_peak'])} (iterations {_mib(trl['cuda_delta'])}); "
+            f"ratio {ours['cuda_peak'] / trl['cuda_peak']:.3f}"
+        )
+    print(
+        "Not identical: TRL 'dapo' normalises each mini-batch by the rollout's mean tokens per mini-batch (ours: "
+        "its own count); TRL's fused chunked LM head vs our sliced logits; both sample, so completion lengths "
+        "differ (compare s / 1k tokens too). TRL top_k is set to 50 = the transformers default that ours gets."
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=5, help="timed RL iterations per run (after 1 warm-up)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--cache", default=".cache/lit_entropy", help="embedded model cache (built once)")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per RL iteration (B)")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="completion length cap (T)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument(
+        "--minibatch",
+        type=int,
+        default=None,
+        help="sequences per optimizer update (default N/2: 128 for N=256)",
+    )
+    parser.add_argument(
+        "--microbatch", type=int, default=None, help="sequences per forward/backward (default m)"
+    )
+    parser.add_argument("--ppo-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is None:
+        args.threads = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+    if args.iterations < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--iterations, --rounds and --threads must be >= 1")
+    if args.group < 2 or args.prompts < 1:
+        parser.error("--group must be >= 2 and --prompts >= 1")
+    num = args.prompts * args.group
+    minibatch = args.minibatch or num // 2
+    microbatch = args.microbatch or minibatch
+    if minibatch < 1 or num % minibatch or microbatch < 1 or minibatch % microbatch:
+        parser.error(
+            f"--minibatch ({minibatch}) must divide N = {num} and --microbatch ({microbatch}) the mini-batch"
+        )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no CUDA device")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker is not None:
+        result = (run_lit_entropy if args.worker == "lit_entropy" else run_trl)(args)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    from lit_entropy import EmbeddedModel
+    from lit_entropy.embedded import prepare_embedded_model
+
+    # the embedded recipe's model (its defaults); built once, then both sides load this folder
+    folder = prepare_embedded_model(EmbeddedModel(cache_dir=args.cache))
+    print(f"model folder: {folder}", file=sys.stderr)
+    results: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    for round_index in range(args.rounds):
+        order = SIDES if round_index % 2 == 0 else SIDES[::-1]
+        for side in order:
+            result = run_side(args, side, folder)
+            results[side].append(result)
+            timed = result["seconds"][1:]
+            print(
+                f"round {round_index}: {side} {statistics.median(timed):.3f} s/it "
+                f"(warm-up {result['seconds'][0]:.3f} s), peak RSS {_mib(result['peak_rss_abs'])} MiB",
+                file=sys.stderr,
+            )
+    report(args, results)
+
+
+if __name__ == "__main__":
+    main()
