@@ -29,10 +29,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_entropy.distributed import shard_policy, sum_over_ranks, world_size
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError
 from lit_entropy.evaluation import distinct_correct, pass_at_k
-from lit_entropy.functional import group_advantages, token_logprobs_and_entropy, zero_std_fraction
+from lit_entropy.functional import group_advantages, token_logprobs_and_entropy
 from lit_entropy.head import head_logprobs_and_entropy
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.model import (
@@ -137,6 +138,7 @@ class GRPO(LightningModule):
         self.policy: torch.nn.Module | None = None
         # (decoder, head) of the policy for the fused head path; a tuple so they are not registered twice
         self._lm_parts: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self._sharded = False  # FSDP2 (ModelParallelStrategy): generation must keep ranks in step
         self.tokenizer: Any = None
         self._regularizers: list[Regularizer] = []
         self._shuffle = torch.Generator().manual_seed(seed)
@@ -187,6 +189,13 @@ class GRPO(LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
+        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy (FSDP2)
+        self._sharded = mesh is not None
+        if self._sharded:
+            num_layers = shard_policy(self.policy, mesh, param_dtype=getattr(torch, self.policy_config.dtype))
+            rank_zero_info(
+                f"lit_entropy: FSDP2 sharded {num_layers} decoder layers over {world_size()} ranks"
+            )
         self._lm_parts = None
         if self.fused_head:
             parts = causal_lm_parts(self.policy)
@@ -355,6 +364,7 @@ class GRPO(LightningModule):
         needs_stats = any(r.needs_minibatch_stats for r in self._regularizers)
         needs_entropy_grad = any(r.needs_entropy_grad for r in self._regularizers)
         sums = _IterationSums(self.device)
+        ranks = world_size()
         first_epoch_entropy = torch.zeros_like(mask, dtype=torch.float32)  # [N, T]
         first_epoch_logprobs = torch.zeros_like(mask, dtype=torch.float32)  # [N, T]
         update = 0
@@ -367,7 +377,8 @@ class GRPO(LightningModule):
             for mb_start in range(0, num_sequences, minibatch):
                 mb_rows = order[mb_start : mb_start + minibatch].to(self.device)
                 mb_mask = mask[mb_rows]
-                num_tokens = mb_mask.sum()
+                # the normalisers count every rank's mini-batch: the global token mean, not a mean of means
+                num_tokens = sum_over_ranks(mb_mask.sum())
                 mb_stats = (None, None)
                 if needs_stats and microbatch < minibatch:
                     mb_stats = self._minibatch_stats(rollout, mb_rows, microbatch)
@@ -387,7 +398,7 @@ class GRPO(LightningModule):
                         advantages=token_advantages[rows],
                         mask=mask[rows],
                         num_tokens=num_tokens,
-                        num_sequences=minibatch,
+                        num_sequences=minibatch * ranks,
                         eps_low=self.loss_config.eps_low,
                         eps_high=self.loss_config.eps_high,
                         iteration=iteration,
@@ -405,7 +416,9 @@ class GRPO(LightningModule):
                     result = microbatch_loss(
                         self.loss_config, view, self._regularizers, self.sampling.max_new_tokens
                     )
-                    self.manual_backward(result.loss)
+                    # DDP and FSDP2 average gradients over ranks; the loss is already a global mean, so
+                    # undo the average to get the gradient of the global loss
+                    self.manual_backward(result.loss * ranks if ranks > 1 else result.loss)
                     sums.add(result, view.mask)
                     if epoch == 0:
                         first_epoch_entropy[rows] = entropy.detach()
@@ -420,7 +433,7 @@ class GRPO(LightningModule):
         self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
         return {
             "entropy": entropy_mean.detach(),
-            "reward": rewards.mean(),
+            "reward": stats["rollout/reward_mean"],
             # per-token tensors of the rollout (first epoch: the policy that sampled it), for monitors
             "token_entropy": first_epoch_entropy,
             "token_logprobs": first_epoch_logprobs,
@@ -442,11 +455,9 @@ class GRPO(LightningModule):
     def _step(self, optimizer: Any, scheduler: Any) -> Tensor:
         """Clip, step, zero, schedule; returns the gradient norm before clipping."""
         grads = [p.grad for p in trainable_parameters(self.policy) if p.grad is not None]
-        grad_norm = (
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            if grads
-            else torch.zeros((), device=self.device)
-        )
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a partial DTensor
+            grad_norm = grad_norm.full_tensor()
         if self.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
@@ -467,34 +478,69 @@ class GRPO(LightningModule):
         elapsed: float,
         group: int,
     ) -> dict[str, Tensor]:
+        """Log and return the iteration's statistics, each reduced over all ranks from sums and counts."""
         mask = rollout.completion_mask
-        lengths = mask.sum(-1).float()
-        tokens = mask.sum()
+        groups = rewards.detach().reshape(-1, group)  # [B, G]
+        function_names = sorted(scores.per_function)
+        term_names = sorted(sums.terms)
+        metric_names = sorted(sums.metrics)
+        local = [
+            torch.tensor(float(rewards.numel())),
+            rewards.detach().float().sum(),
+            rewards.detach().float().square().sum(),
+            mask.sum(),
+            rollout.truncated.float().sum(),
+            (groups == groups[:, :1]).all(dim=1).float().sum(),
+            torch.tensor(float(groups.shape[0])),
+            torch.tensor(float(scores.num_errors)),
+            sums.loss,
+            sums.clipped_low,
+            sums.clipped_high,
+            sums.tokens,
+            sums.kl,
+            sums.kl_tokens,
+            sums.grad_norm,
+            *(scores.per_function[name].float().sum() for name in function_names),
+            *(torch.as_tensor(sums.terms[name]) for name in term_names),
+            *(sums.metrics[name][0] / sums.metrics[name][1] for name in metric_names),
+        ]
+        packed = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in local]
+        )
+        total = sum_over_ranks(packed).tolist()  # one all-reduce for everything
+        (n, reward_sum, reward_sq, tokens, truncated, zero_std, num_groups, errors) = total[:8]
+        (loss, clipped_low, clipped_high, trained_tokens, kl, kl_tokens, grad_norm) = total[8:15]
+        rest = total[15:]
+        ranks = world_size()
+        reward_mean = reward_sum / n
+        # unbiased std over all N rewards (what torch.std gives on the concatenated batch)
+        reward_var = (reward_sq - n * reward_mean**2) / (n - 1) if n > 1 else 0.0
         stats = {
-            "rollout/reward_mean": rewards.mean(),
-            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
-            "rollout/completion_length": lengths.mean(),
-            "rollout/truncated_frac": rollout.truncated.float().mean(),
-            "rollout/frac_zero_std": zero_std_fraction(rewards, group),
-            "rollout/reward_errors": torch.tensor(float(scores.num_errors)),
-            "train/loss": sums.loss / updates,
-            "train/clip_frac_low": sums.clipped_low / sums.tokens.clamp(min=1),
-            "train/clip_frac_high": sums.clipped_high / sums.tokens.clamp(min=1),
-            "train/grad_norm": sums.grad_norm / updates,
-            "train/tokens_per_sec": tokens.float() / max(elapsed, 1e-9),
-            "train/updates": torch.tensor(float(updates)),
+            "rollout/reward_mean": reward_mean,
+            "rollout/reward_std": max(reward_var, 0.0) ** 0.5,
+            "rollout/completion_length": tokens / n,
+            "rollout/truncated_frac": truncated / n,
+            "rollout/frac_zero_std": zero_std / num_groups,
+            "rollout/reward_errors": errors,
+            "train/loss": loss / updates,
+            "train/clip_frac_low": clipped_low / max(trained_tokens, 1.0),
+            "train/clip_frac_high": clipped_high / max(trained_tokens, 1.0),
+            # gradients are synchronised, so every rank measured the same norm
+            "train/grad_norm": grad_norm / ranks / updates,
+            "train/tokens_per_sec": tokens / max(elapsed, 1e-9),
+            "train/updates": float(updates),
         }
-        for name, values in scores.per_function.items():
-            stats[f"rollout/reward/{name}"] = values.mean()
-        if sums.kl_tokens > 0:
-            stats["train/kl"] = sums.kl / sums.kl_tokens
-        for key, value in sums.terms.items():
-            stats[f"train/term/{key}"] = value / updates
-        for key, (total, count) in sums.metrics.items():
-            stats[key] = total / count
+        for name, value in zip(function_names, rest[: len(function_names)], strict=True):
+            stats[f"rollout/reward/{name}"] = value / n
+        rest = rest[len(function_names) :]
+        if kl_tokens > 0:
+            stats["train/kl"] = kl / kl_tokens
+        for name, value in zip(term_names, rest[: len(term_names)], strict=True):
+            stats[f"train/term/{name}"] = value / updates  # each rank holds its share of the global term
+        for name, value in zip(metric_names, rest[len(term_names) :], strict=True):
+            stats[name] = value / ranks
         stats = {
-            key: torch.as_tensor(value, dtype=torch.float32).detach().to(self.device)
-            for key, value in stats.items()
+            key: torch.tensor(value, dtype=torch.float32, device=self.device) for key, value in stats.items()
         }
         self.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(rollout.examples) // group)
         self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=False, prog_bar=True)
@@ -564,6 +610,13 @@ class GRPO(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        adapter_state = None
+        if self._sharded:  # every rank takes part in gathering the sharded adapters; rank 0 writes them
+            adapter_state = {
+                name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for name, p in self.policy.named_parameters()
+                if p.requires_grad
+            }
         if not self.trainer.is_global_zero:
             return
         if self._history:
@@ -577,7 +630,7 @@ class GRPO(LightningModule):
         folder = self.adapter_dir or os.path.join(
             self.trainer.log_dir or self.trainer.default_root_dir, "adapter"
         )
-        self.policy.save_pretrained(folder)
+        self.policy.save_pretrained(folder, state_dict=adapter_state)
         self.tokenizer.save_pretrained(folder)
         rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")
 

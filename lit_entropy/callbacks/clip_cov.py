@@ -176,7 +176,7 @@ class ClipCov(Regularizer):
             eps_high=view.eps_high,
             generator=generator,
         )
-        selected = selection.selected[tokens.rows]  # [n, T]
+        selected = tokens.local(selection.selected)  # [n, T]
         weights = (~selected).to(view.logprobs.dtype)  # [n, T]
         kept = tokens.mask.sum().clamp(min=1)
         metrics: dict[str, Tensor | float] = {

@@ -13,8 +13,9 @@ kept for parity; verl issue 7829).
 Every selection function here takes the **full set of tokens of its scope** (``[m, T]`` tensors) and
 returns a keep-mask of the same shape, so that every micro-batch of a mini-batch computes the identical
 selection and then takes its own rows. Across data-parallel ranks the full set is the concatenation of the
-ranks' mini-batches: an ``all_gather`` of the ``[m, T]`` inputs belongs in `token_scope` (issue 6), before
-any of these functions runs; nothing else would change.
+ranks' mini-batches: `token_scope` all-gathers the ``[m, T]`` inputs of ``scope="batch"`` (rank order,
+right-padded to the longest ``T``), so every rank selects from the global mini-batch exactly what one process
+holding it would select, and keeps its own rows (`TokenScope.local`).
 
 Shapes: ``m`` sequences in the scope, ``n`` in the micro-batch, ``T`` completion length. Log-probs and
 entropies are in nats.
@@ -29,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_entropy.distributed import gather_rows
 from lit_entropy.errors import ConfigError
 from lit_entropy.regularizer import MinibatchView
 
@@ -184,6 +186,7 @@ class TokenScope:
         entropy: ``[m, T]`` detached entropy in nats.
         mask: ``[m, T]`` bool keep-mask.
         rows: the current micro-batch's rows inside the ``[m, T]`` tensors.
+        width: the micro-batch's own ``T`` (the gathered tensors of several ranks may be wider).
     """
 
     logprobs: Tensor
@@ -192,14 +195,18 @@ class TokenScope:
     entropy: Tensor
     mask: Tensor
     rows: slice
+    width: int
+
+    def local(self, values: Tensor) -> Tensor:
+        """The current micro-batch's ``[n, T]`` part of ``[m, T']`` scope-wide ``values``."""
+        return values[self.rows, : self.width]
 
 
 def token_scope(view: MinibatchView, scope: Scope, owner: str) -> TokenScope:
     """The tokens of ``scope``: the view's mini-batch tensors (``batch``) or its micro-batch's own.
 
-    Cross-rank reduction (issue 6) goes here: for ``batch`` scope, ``all_gather`` the five ``[m, T]`` tensors
-    over the data-parallel group and shift ``rows`` by this rank's offset; the selection functions then see
-    the global mini-batch unchanged.
+    Under data parallelism, ``batch`` scope all-gathers the five ``[m, T]`` tensors over the ranks (rank
+    order) and shifts ``rows`` by this rank's offset: the selection functions see the global mini-batch.
 
     Args:
         view: the micro-batch view given to ``adjust``.
@@ -218,6 +225,7 @@ def token_scope(view: MinibatchView, scope: Scope, owner: str) -> TokenScope:
             entropy=view.entropy.detach(),
             mask=view.mask.bool(),
             rows=slice(0, view.logprobs.shape[0]),
+            width=view.logprobs.shape[1],
         )
     fields = {
         "minibatch_logprobs": view.minibatch_logprobs,
@@ -232,13 +240,24 @@ def token_scope(view: MinibatchView, scope: Scope, owner: str) -> TokenScope:
             f"{owner}(scope='batch') needs the view's {missing}: the module fills them only when a "
             "regularizer sets needs_minibatch_stats = True"
         )
+    (logprobs, old_logprobs, advantages, entropy, mask), offset = gather_rows(
+        [
+            view.minibatch_logprobs.detach(),
+            view.minibatch_old_logprobs.detach(),
+            view.minibatch_advantages.detach(),
+            view.minibatch_entropy.detach(),
+            view.minibatch_mask.bool(),
+        ]
+    )
+    rows = view.microbatch_rows
     return TokenScope(
-        logprobs=view.minibatch_logprobs.detach(),
-        old_logprobs=view.minibatch_old_logprobs.detach(),
-        advantages=view.minibatch_advantages.detach(),
-        entropy=view.minibatch_entropy.detach(),
-        mask=view.minibatch_mask.bool(),
-        rows=view.microbatch_rows,
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        entropy=entropy,
+        mask=mask,
+        rows=slice(rows.start + offset, rows.stop + offset),
+        width=view.logprobs.shape[1],
     )
 
 

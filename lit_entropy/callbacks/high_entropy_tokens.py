@@ -102,7 +102,7 @@ class HighEntropyTokens(Regularizer):
         tokens = token_scope(view, self.scope, self.name)
         threshold = high_entropy_threshold(tokens.entropy, tokens.mask, self.rho)
         selected = tokens.mask & (tokens.entropy.float() >= threshold)  # [m, T]
-        weights = selected[tokens.rows].to(view.logprobs.dtype)  # [n, T]
+        weights = tokens.local(selected).to(view.logprobs.dtype)  # [n, T]
         metrics: dict[str, Tensor | float] = {
             "selected_frac": selected.sum() / tokens.mask.sum().clamp(min=1),
             # +inf (nothing kept) would poison the iteration's average

@@ -139,7 +139,7 @@ class KLCov(Regularizer):
     def adjust(self, view: MinibatchView) -> Adjustment:
         tokens = token_scope(view, self.scope, self.name)
         selection = kl_cov_selection(tokens.logprobs, tokens.advantages, tokens.mask, self.ratio)
-        selected = selection.selected[tokens.rows]  # [n, T]
+        selected = tokens.local(selection.selected)  # [n, T]
         penalties = kl_cov_penalty(view.logprobs, view.old_logprobs, selected, self.kl_coef)  # [n, T]
         abs_log_ratio = (tokens.logprobs - tokens.old_logprobs).abs()  # [m, T]
         metrics: dict[str, Tensor | float] = {
