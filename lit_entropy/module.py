@@ -85,6 +85,11 @@ class GRPO(LightningModule):
             chunk (`lit_entropy.head`), never holding ``[n, T, V]`` logits. Falls back to the model's logits,
             with a warning, when the model's forward does more than project its last hidden state.
         head_chunk_size: rows per chunk of that computation (default: about 2**25 fp32 logits per chunk).
+        sampler_logprobs: take the old log-probs of off-policy updates from generation (recorded per step,
+            fp32, full vocabulary at the sampling temperature) instead of a second forward pass over the
+            rollout. Exact only where the sampler and the trainer run the same weights in the same precision
+            (mismatch measured in docs/performance.md). Off by default: with a quantized or lower-precision
+            sampler the ratio of the first update would no longer start at 1.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class GRPO(LightningModule):
         seed: int = 0,
         fused_head: bool = True,
         head_chunk_size: int | None = None,
+        sampler_logprobs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -133,6 +139,7 @@ class GRPO(LightningModule):
         self.seed = seed
         self.fused_head = fused_head
         self.head_chunk_size = head_chunk_size
+        self.sampler_logprobs = sampler_logprobs
         self._validate()
         self.reward_scorer = RewardScorer(rewards, on_error=reward_on_error)
         self.policy: torch.nn.Module | None = None
@@ -330,6 +337,8 @@ class GRPO(LightningModule):
                 self.device,
                 greedy,
                 num_samples,
+                record_logprobs=self.sampler_logprobs and not greedy,
+                synced_gpus=self._sharded and world_size() > 1,
             )
         finally:
             self.policy.train(was_training)
@@ -354,7 +363,12 @@ class GRPO(LightningModule):
         microbatch = self._microbatch(minibatch)
         updates = self.updates_per_iteration(num_sequences)
         on_policy = updates == 1
-        old_logprobs = None if on_policy else self._logprobs_no_grad(rollout, microbatch)[0]
+        if on_policy:
+            old_logprobs = None
+        elif self.sampler_logprobs and rollout.sampler_logprobs is not None:
+            old_logprobs = rollout.sampler_logprobs.to(self.device)
+        else:
+            old_logprobs = self._logprobs_no_grad(rollout, microbatch)[0]
         ref_logprobs = None
         if self.loss_config.kl_coef > 0:
             ref_logprobs = self._logprobs_no_grad(rollout, microbatch, reference=True)[0]

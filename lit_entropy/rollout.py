@@ -241,6 +241,7 @@ def generate_rollout(
     num_samples: int | None = None,
     *,
     record_logprobs: bool = False,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` (default ``sampling.group_size``) completions for each prompt.
 
@@ -258,6 +259,8 @@ def generate_rollout(
             the quantity the trainer recomputes as old log-probs). With ``greedy`` it is recorded the same way
             (the policy's log-prob of the greedy token at ``sampling.temperature``), not the degenerate
             log-prob 0 of greedy decoding. Costs one fp32 ``[N, V]`` buffer and a log-softmax per step.
+        synced_gpus: keep stepping until every rank has finished (FSDP: a rank that stopped early would leave
+            the others waiting in an all-gather).
 
     Returns:
         The rollout, ``N = B * num_samples`` rows, group-contiguous.
@@ -301,6 +304,7 @@ def generate_rollout(
         attention_mask=prompt_mask.long(),
         generation_config=config,
         logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+        synced_gpus=synced_gpus,
     )
     completion_ids = out[:, prompt_ids.shape[1] :]  # [N, T]
     completion_mask, truncated = completion_keep_mask(completion_ids, eos)
