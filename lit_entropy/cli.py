@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import sys
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lit_entropy.errors import LitEntropyError
+from lit_entropy.errors import ConfigError, LitEntropyError
 
 DEFAULT_ROOT_DIR = "runs"
 # Lines of jsonargparse's nested Union / class_path report that carry no information of their own.
@@ -36,14 +38,70 @@ def default_loggers(save_dir: str = DEFAULT_ROOT_DIR) -> list[dict[str, Any]]:
     return loggers
 
 
+# PyYAML's position marks inside jsonargparse's "Problems parsing config" report.
+_YAML_MARK = re.compile(r'\s*in "[^"]*", line (\d+), column (\d+)')
+
+
 def one_line_error(message: str) -> str:
     """jsonargparse's nested report of a bad argument as one line: ``<parser keys>: <innermost reason>``."""
+    if message.startswith("Problems parsing config"):  # a YAML syntax error: keep every part and its position
+        collapsed = _YAML_MARK.sub(r" (line \1, column \2)", message)
+        return ": ".join(line.strip() for line in collapsed.splitlines() if line.strip())
     keys = re.findall(r'Parser key "([^"]+)"', message)
     reasons = [
         line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line.strip())
     ]
     reason = reasons[0] if reasons else message.strip().splitlines()[0]
+    reason = re.sub(r'^(Parser key "[^"]+":\s*)+', "", reason)  # the keys are already in front
     return f"{'.'.join(keys)}: {reason}" if keys else reason
+
+
+def _config_paths(argv: Any) -> list[str]:
+    """The files given as ``--config PATH`` / ``--config=PATH`` (any subcommand)."""
+    if not isinstance(argv, (list, tuple)):
+        return []
+    paths = []
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            paths.append(str(argv[index + 1]))
+        elif isinstance(arg, str) and arg.startswith("--config="):
+            paths.append(arg.partition("=")[2])
+    return paths
+
+
+def check_config_files(argv: Any) -> None:
+    """Reads every ``--config`` file before jsonargparse does, to name the file and the line of a problem.
+
+    Raises:
+        ConfigError: A config file that does not exist, is not a file, is empty, is not valid YAML (with the
+            line and column), or does not hold a mapping of sections (``trainer``, ``model``, ``data``, ...).
+    """
+    for path in _config_paths(argv):
+        file = Path(path)
+        if not file.exists() and any(char in path for char in ":{\n"):
+            continue  # jsonargparse also accepts the config itself as a YAML string
+        if not file.exists():
+            raise ConfigError(f"--config {path}: file does not exist")
+        if not file.is_file():
+            raise ConfigError(f"--config {path}: not a file")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--config {path}: cannot be read: {err}") from err
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {path}: invalid YAML{where}: {problem}") from err
+        if content is None:
+            raise ConfigError(f"--config {path}: file is empty")
+        if not isinstance(content, dict):
+            raise ConfigError(
+                f"--config {path}: expected a mapping of sections (trainer, model, data, ...), "
+                f"got {type(content).__name__}"
+            )
 
 
 class LitEntropyArgumentParser(LightningArgumentParser):
@@ -117,6 +175,7 @@ def main(args: Any = None) -> None:
 
             report_main(list(argv[1:]))
             return
+        check_config_files(argv)
         LitEntropyCLI(args=args)
     except Exception as error:
         project_error = _project_error(error)

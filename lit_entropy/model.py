@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
@@ -21,6 +25,8 @@ from lit_entropy.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
+
+log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16"]
 QuantType = Literal["nf4", "fp4"]
@@ -69,7 +75,8 @@ class Policy:
         quantization: Load the base weights in 4 bits; requires ``lora``.
         lora: Adapters to train; None trains every parameter (full fine-tuning).
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
-        trust_remote_code: Allow model and tokenizer folders that ship their own Python code.
+        trust_remote_code: Allow model and tokenizer folders that ship their own Python code (off by default:
+            with it on, the ``.py`` files named by the folder's ``auto_map`` are imported and run).
         embedded: Build the embedded tiny model (and warm it up) instead of loading ``path``.
     """
 
@@ -104,19 +111,29 @@ class Policy:
                 raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist")
             if not (folder / "config.json").is_file():
                 raise ModelLoadError(f"policy.path: model folder '{self.path}' has no config.json")
+            _check_model_config(folder, self.trust_remote_code)
+            if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+                raise ModelLoadError(
+                    f"policy.path: model folder '{self.path}' has no weights "
+                    f"(no {', '.join(_WEIGHT_PATTERNS)} file)"
+                )
         if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
             raise ModelLoadError(
                 f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
             )
         _check_choice("policy.dtype", self.dtype, DType)
 
+        for name in ("gradient_checkpointing", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"policy.{name} must be true or false, got {getattr(self, name)!r}")
+
         if self.lora is not None:
             lora = self.lora
             if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
                 raise ConfigError(f"policy.lora.r must be an integer >= 1, got {lora.r!r}")
-            if not lora.alpha > 0:
+            if not _is_number(lora.alpha) or not lora.alpha > 0:
                 raise ConfigError(f"policy.lora.alpha must be > 0, got {lora.alpha!r}")
-            if not 0.0 <= lora.dropout < 1.0:
+            if not _is_number(lora.dropout) or not 0.0 <= lora.dropout < 1.0:
                 raise ConfigError(f"policy.lora.dropout must be in [0, 1), got {lora.dropout!r}")
             targets = lora.target_modules
             if isinstance(targets, str):
@@ -137,6 +154,54 @@ class Policy:
                     "policy.quantization needs policy.lora: 4-bit weights cannot be trained, only adapters "
                     "on top of them (set policy.lora, or drop policy.quantization for full fine-tuning)"
                 )
+
+
+# Files that hold a model's weights (sharded checkpoints have an index and numbered shards).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_model_config(folder: Path, trust_remote_code: bool) -> None:
+    """Raise ModelLoadError when ``config.json`` is unreadable, or names an architecture that needs remote code.
+
+    transformers builds a known ``model_type`` with its own classes even when the folder also ships code; an
+    unknown one needs the folder's ``auto_map`` code, which runs only with ``policy.trust_remote_code: true``.
+    """
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"policy.path: '{config_file}' is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"policy.path: '{config_file}' must hold a JSON object")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and auto_map:
+        if trust_remote_code:
+            return
+        code = auto_map.get("AutoModelForCausalLM") or next(iter(auto_map.values()))
+        raise ModelLoadError(
+            f"policy.path: '{config_file}' has model_type {model_type!r}, which transformers does not know, and "
+            f"its auto_map asks to run code shipped in the folder ({code}); policy.trust_remote_code is false. "
+            "Read that code, then set policy.trust_remote_code: true only if you trust it"
+        )
+    import transformers
+
+    raise ModelLoadError(
+        f"policy.path: '{config_file}' has model_type {model_type!r}, which transformers "
+        f"{transformers.__version__} does not know, and no auto_map code; upgrade transformers or fix the config"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _check_choice(name: str, value: object, choices: object) -> None:
@@ -188,6 +253,12 @@ def load_policy(
         policy = dataclasses.replace(policy, path=prepare_embedded_model(policy.embedded), embedded=None)
     policy.validate()
     assert policy.path is not None  # validate() guarantees it; narrows the type
+    if policy.trust_remote_code:
+        log.warning(
+            "lit_entropy: policy.trust_remote_code is true: Python code shipped in '%s'%s may be imported and run",
+            policy.path,
+            f" and '{policy.tokenizer_path}'" if policy.tokenizer_path else "",
+        )
     tokenizer = load_tokenizer(
         policy.tokenizer_path or policy.path, trust_remote_code=policy.trust_remote_code
     )
@@ -201,7 +272,9 @@ def load_policy(
     try:
         model = AutoModelForCausalLM.from_pretrained(policy.path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"policy.path: could not load the model in '{policy.path}': {err}") from err
+        raise ModelLoadError(
+            f"policy.path: could not load the model in '{policy.path}': {_one_line(err)}"
+        ) from err
     if device is not None and not quantized:
         model = model.to(device)
 

@@ -11,29 +11,47 @@ path with a weight, e.g.::
 Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
 ``lit_entropy.rewards.answer_format``, ``lit_entropy.countdown.countdown_reward`` and
 ``lit_entropy.countdown.countdown_format_reward``.
+
+Timeouts: ``timeout: 5.0`` on a reward (seconds, per completion) runs that function's calls in a worker thread
+and scores a call that has not returned in time ``on_error`` (counted in ``RewardResult.num_timeouts`` and in
+``num_errors``). Python cannot kill a thread, so the stuck call is *abandoned*: its daemon thread keeps running
+until the call returns (or the process exits) and a fresh worker serves the next completion. More than
+``max_abandoned`` (default 8) abandoned calls of one function still running at once raise `RewardTimeoutError`:
+such a function needs fixing, or a process-based reward that can be killed. Without ``timeout`` (the default)
+the function is called directly in the training thread, exactly as before.
+
+Safety: ``fn`` is imported with ``importlib.import_module``, which executes the module's top-level code (and
+its imports) with the trainer's privileges; the function then sees every completion and dataset row. Only name
+code you trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import numbers
+import queue
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_entropy.errors import ConfigError
+from lit_entropy.errors import ConfigError, LitEntropyError
 
 __all__ = [
     "Reward",
     "RewardFunction",
     "RewardResult",
     "RewardScorer",
+    "RewardTimeoutError",
     "answer_format",
     "exact_match",
     "extract_numeric_answer",
@@ -149,12 +167,17 @@ class Reward:
         weight: Multiplier of this function's values in the total reward.
         name: Metric name; default: the function's ``__name__``.
         kwargs: Extra keyword arguments passed on every call.
+        timeout: Seconds one call (one completion) may take; a slower call scores ``on_error`` and is counted
+            as a timeout. ``None`` (default): no limit, the function runs in the training thread. With a
+            timeout it runs in a daemon worker thread, so it must not rely on ``signal.alarm`` (main thread
+            only); a call that never returns is abandoned, not killed (see the module docstring).
     """
 
     fn: str
     weight: float = 1.0
     name: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
 
 
 @dataclass
@@ -164,14 +187,64 @@ class RewardResult:
     Attributes:
         total: ``[N]`` float32, weighted sum over functions.
         per_function: Name -> ``[N]`` float32 unweighted values (``on_error`` where the function failed).
-        num_errors: Failed (function, completion) calls, summed over functions.
-        errors_per_function: Name -> failed calls of that function.
+        num_errors: Failed (function, completion) calls, summed over functions: raised, returned a
+            non-numeric / non-finite value, or timed out.
+        errors_per_function: Name -> failed calls of that function (timeouts included).
+        num_timeouts: The failed calls that were cut by their function's ``timeout`` (included in
+            ``num_errors``).
+        timeouts_per_function: Name -> timed-out calls of that function.
+        first_errors: Name -> the first exception of that function in this call (a `TimeoutError` for a
+            timeout); functions without failures are absent.
     """
 
     total: Tensor
     per_function: dict[str, Tensor]
     num_errors: int
     errors_per_function: dict[str, int]
+    num_timeouts: int = 0
+    timeouts_per_function: dict[str, int] = field(default_factory=dict)
+    first_errors: dict[str, BaseException] = field(default_factory=dict)
+
+
+class RewardTimeoutError(LitEntropyError, RuntimeError):
+    """Too many calls of one reward function are stuck past their timeout (their threads cannot be killed)."""
+
+
+class _Worker:
+    """A daemon thread that runs one reward function's calls one at a time, for calls with a timeout.
+
+    A daemon thread does not keep the interpreter alive at exit, unlike ``concurrent.futures``' pool threads,
+    which are joined at exit and would make a hung reward hang the process's exit too.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict] | None] = (
+            queue.SimpleQueue()
+        )
+        self.thread = threading.Thread(target=self._serve, name=f"lit_entropy-reward-{name}", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:  # retired: abandoned after a timeout, or the scorer was closed
+                return
+            future, function, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the scoring thread, which decides
+                future.set_exception(exc)
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, function, args, kwargs))
+        return future
+
+    def retire(self) -> None:
+        """The thread exits once its current call (if any) returns; it takes no further calls."""
+        self._jobs.put(None)
 
 
 def resolve_reward_function(path: str) -> Callable[..., Any]:
@@ -193,6 +266,10 @@ def resolve_reward_function(path: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"reward fn {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module's own top-level code failed (SyntaxError, a missing file, ...)
+        raise ConfigError(
+            f"reward fn {path!r}: importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             raise ConfigError(f"reward fn {path!r}: {module_name!r} has no attribute {attr_path!r}")
@@ -220,20 +297,36 @@ class RewardScorer:
     Args:
         rewards: The functions; every import path is resolved here, so a bad config fails before training.
             Plain mappings with ``Reward``'s fields are accepted too.
-        on_error: Value a function contributes for a completion on which it raised or returned a
-            non-finite / non-numeric value.
+        on_error: Value a function contributes for a completion on which it raised, returned a
+            non-finite / non-numeric value, or exceeded its ``timeout``.
+        max_abandoned: How many timed-out calls of one function may still be running (abandoned in their
+            threads) before scoring raises `RewardTimeoutError` instead of starting yet another thread.
 
     Raises:
-        ConfigError: Empty ``rewards``, a path that does not resolve (naming it), a non-finite weight, or
-            two functions with the same metric name.
+        ConfigError: Empty ``rewards``, a path that does not resolve (naming it), a non-finite weight, a
+            timeout that is not a positive number of seconds, or two functions with the same metric name.
     """
 
-    def __init__(self, rewards: Sequence[Reward | Mapping[str, Any]], on_error: float = 0.0) -> None:
+    def __init__(
+        self,
+        rewards: Sequence[Reward | Mapping[str, Any]],
+        on_error: float = 0.0,
+        max_abandoned: int = 8,
+    ) -> None:
+        if isinstance(rewards, (str, bytes, Mapping)) or not isinstance(rewards, Sequence):
+            raise ConfigError(
+                f"rewards must be a list of reward entries ({{fn, weight, ...}}), got {type(rewards).__name__}"
+            )
         if not rewards:
             raise ConfigError("rewards is empty: configure at least one reward function")
-        if not math.isfinite(on_error):
-            raise ConfigError(f"on_error must be finite, got {on_error}")
+        if not _is_real(on_error) or not math.isfinite(on_error):
+            raise ConfigError(f"reward_on_error must be a finite number, got {on_error!r}")
+        if isinstance(max_abandoned, bool) or not isinstance(max_abandoned, int) or max_abandoned < 1:
+            raise ConfigError(f"max_abandoned must be an integer >= 1, got {max_abandoned!r}")
         self.on_error = float(on_error)
+        self.max_abandoned = max_abandoned
+        self._workers: dict[str, _Worker] = {}
+        self._abandoned: dict[str, list[_Worker]] = {}
         self.rewards: list[Reward] = []
         self._functions: list[Callable[..., Any]] = []
         self._names: list[str] = []
@@ -245,10 +338,23 @@ class RewardScorer:
                     raise ConfigError(f"rewards[{index}]: {exc}") from exc
             if not isinstance(reward, Reward):
                 raise ConfigError(f"rewards[{index}] must be a Reward, got {type(reward).__name__}")
-            function = resolve_reward_function(reward.fn)
-            if not math.isfinite(reward.weight):
+            try:
+                function = resolve_reward_function(reward.fn)
+            except ConfigError as exc:
+                raise ConfigError(f"rewards[{index}].fn: {exc}") from exc.__cause__
+            if not _is_real(reward.weight) or not math.isfinite(reward.weight):
                 raise ConfigError(
-                    f"rewards[{index}] ({reward.fn!r}): weight must be finite, got {reward.weight}"
+                    f"rewards[{index}] ({reward.fn!r}): weight must be a finite number, got {reward.weight!r}"
+                )
+            timeout = reward.timeout
+            if timeout is not None and (not _is_real(timeout) or not math.isfinite(timeout) or timeout <= 0):
+                raise ConfigError(
+                    f"rewards[{index}] ({reward.fn!r}): timeout must be a positive number of seconds or null, "
+                    f"got {timeout!r}"
+                )
+            if not isinstance(reward.kwargs, Mapping):
+                raise ConfigError(
+                    f"rewards[{index}] ({reward.fn!r}): kwargs must be a mapping, got {type(reward.kwargs).__name__}"
                 )
             # functools.partial and callable instances have no __name__: fall back to the path's last part.
             name = reward.name or getattr(function, "__name__", None) or re.split(r"[.:]", reward.fn)[-1]
@@ -274,8 +380,11 @@ class RewardScorer:
                 row repeated G times for its G completions).
 
         Returns:
-            The weighted total ``[N]`` and per-function values, with error counts. The first failure of each
-            function in this call is logged as a warning with the exception.
+            The weighted total ``[N]`` and per-function values, with error and timeout counts. The first
+            failure of each function in this call is logged as a warning with the exception.
+
+        Raises:
+            RewardTimeoutError: A function has more than ``max_abandoned`` timed-out calls still running.
         """
         if len(completions) != len(examples):
             raise ValueError(
@@ -285,24 +394,40 @@ class RewardScorer:
         total = torch.zeros(len(completions), dtype=torch.float64)
         per_function: dict[str, Tensor] = {}
         errors_per_function: dict[str, int] = {}
+        timeouts_per_function: dict[str, int] = {}
+        first_errors: dict[str, BaseException] = {}
         for reward, function, name in zip(self.rewards, self._functions, self._names):
             values: list[float] = []
             first_error: Exception | None = None
-            num_errors = 0
+            num_errors = num_timeouts = 0
             for completion, example in zip(completions, examples):
                 try:
-                    values.append(_as_float(function(completion, example, **reward.kwargs)))
+                    if reward.timeout is None:
+                        value = function(completion, example, **reward.kwargs)
+                    else:
+                        value = self._call_with_timeout(name, reward, function, completion, example)
+                    values.append(_as_float(value))
+                except RewardTimeoutError:
+                    raise
+                except _CallTimedOut as exc:
+                    values.append(self.on_error)
+                    num_errors += 1
+                    num_timeouts += 1
+                    if first_error is None:
+                        first_error = TimeoutError(str(exc))
                 except Exception as exc:  # noqa: BLE001 - one bad completion must not stop the RL iteration
                     values.append(self.on_error)
                     num_errors += 1
                     if first_error is None:
                         first_error = exc
             if first_error is not None:
+                first_errors[name] = first_error
                 log.warning(
-                    "reward %r failed on %d of %d completions (scored %s); first error: %s: %s",
+                    "reward %r failed on %d of %d completions (%d timed out; scored %s); first error: %s: %s",
                     name,
                     num_errors,
                     len(completions),
+                    num_timeouts,
                     self.on_error,
                     type(first_error).__name__,
                     first_error,
@@ -312,9 +437,70 @@ class RewardScorer:
             total += reward.weight * function_values
             per_function[name] = function_values.to(torch.float32)
             errors_per_function[name] = num_errors
+            timeouts_per_function[name] = num_timeouts
         return RewardResult(
             total=total.to(torch.float32),
             per_function=per_function,
             num_errors=sum(errors_per_function.values()),
             errors_per_function=errors_per_function,
+            num_timeouts=sum(timeouts_per_function.values()),
+            timeouts_per_function=timeouts_per_function,
+            first_errors=first_errors,
         )
+
+    def _call_with_timeout(
+        self,
+        name: str,
+        reward: Reward,
+        function: Callable[..., Any],
+        completion: str,
+        example: Mapping[str, Any],
+    ) -> Any:
+        """Runs one call in the function's worker thread; abandons the worker when it overruns."""
+        stuck = [worker for worker in self._abandoned.get(name, []) if worker.thread.is_alive()]
+        self._abandoned[name] = stuck
+        if len(stuck) >= self.max_abandoned:
+            raise RewardTimeoutError(
+                f"reward {name!r} ({reward.fn}) hung past its timeout={reward.timeout}s {len(stuck)} times and "
+                f"those calls are still running (max_abandoned={self.max_abandoned}); threads cannot be "
+                "killed: fix the function, raise its timeout, or wrap it in a process you can kill"
+            )
+        worker = self._workers.get(name)
+        if worker is None or not worker.thread.is_alive():
+            worker = self._workers[name] = _Worker(name)
+        future = worker.submit(function, completion, example, **reward.kwargs)
+        try:
+            return future.result(timeout=reward.timeout)
+        except FutureTimeout as exc:  # the builtin TimeoutError on Python >= 3.11, its own class on 3.10
+            if future.done():  # it finished in the instant between the timeout and here; use its result
+                return future.result()
+            worker.retire()
+            del self._workers[name]
+            stuck.append(worker)
+            raise _CallTimedOut(f"call did not return within timeout={reward.timeout}s") from exc
+
+    def close(self) -> None:
+        """Retires the worker threads (idle ones exit now, abandoned ones when their call returns)."""
+        for worker in self._workers.values():
+            worker.retire()
+        self._workers.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Threads cannot be pickled or deep-copied (ddp_spawn, copy.deepcopy of the module): a copy starts
+        # without workers and creates its own on first use.
+        state = self.__dict__.copy()
+        state["_workers"] = {}
+        state["_abandoned"] = {}
+        return state
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+
+class _CallTimedOut(Exception):
+    """Internal: a call with a timeout overran it (distinguished from a function raising TimeoutError)."""
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

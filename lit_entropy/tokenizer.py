@@ -121,7 +121,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"could not load the tokenizer in '{path}': {err}") from err
+        reason = " ".join(str(err).split())  # transformers' messages span lines; the CLI prints one
+        raise ModelLoadError(f"could not load the tokenizer in '{path}': {reason}") from err
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

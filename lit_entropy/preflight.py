@@ -1,0 +1,353 @@
+"""Checks that need both the loaded policy/tokenizer and the data, run once before any compute.
+
+`GRPO.__init__` validates each config object on its own (`Policy.validate`, `Sampling.validate`,
+`Loss.validate`) and the data module validates its files as it loads them. What only shows up when the two
+meet is checked here, once the tokenizer and model are loaded and the data module is set up, so that a bad
+combination fails in seconds with one message naming the field, file, row or value, instead of at the first
+training step (or never, as with prompts silently cut by the model's context):
+
+- the rollout size ``N = data.batch_size * sampling.group_size`` is split exactly into mini-batches and
+  those into micro-batches (`check_batch_sizes`);
+- the loss options are known names, also when the module was built from Python (`check_loss_choices`);
+- the tokenizer has an EOS token (completions must end) and a pad token (`check_special_tokens`),
+  a chat template when ``chat_template=True`` (`check_chat_template`), and no ids past the model's
+  embedding table (`check_vocabulary`);
+- ``sampling.max_new_tokens`` (and ``max_prompt_length``) fit in the model's context (`check_generation_budget`);
+- every prompt renders, and its token count plus ``max_new_tokens`` fits in the context and under
+  ``sampling.max_prompt_length`` (`check_prompt_lengths`), naming the file and row;
+- each reward function, called once on the first training row (its reference answer as the completion),
+  does not fail for want of a field of the rows, e.g. ``example["answer"]`` with ``data.answer_field: null``
+  (`check_reward_fields`).
+
+Each check is a plain function of the values it needs; `preflight` gathers them from a `GRPO` module and a
+data module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
+
+from lit_entropy.errors import ConfigError, DataError, ModelLoadError
+from lit_entropy.functional import AdvantageMode, KLEstimator, LossAggregation
+from lit_entropy.prompts import render_prompt
+
+__all__ = [
+    "check_batch_sizes",
+    "check_chat_template",
+    "check_generation_budget",
+    "check_loss_choices",
+    "check_prompt_lengths",
+    "check_reward_fields",
+    "check_special_tokens",
+    "check_vocabulary",
+    "model_context_length",
+    "preflight",
+    "render_prompts",
+]
+
+_SPLITS = ("train", "val", "test")
+_TOKENIZE_CHUNK = 1024
+
+
+def _nearby_divisors(n: int, near: int, count: int = 3) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: (abs(d - near), d))[:count])
+
+
+def check_batch_sizes(
+    batch_size: int,
+    group_size: int,
+    minibatch_size: int | None,
+    microbatch_size: int | None,
+) -> None:
+    """The rollout of ``batch_size * group_size`` sequences splits into whole mini-batches and micro-batches.
+
+    Mirrors what the module does at the first training step: ``minibatch_size`` (None = the whole rollout)
+    must divide ``N``; ``microbatch_size`` (None = the mini-batch; larger values are capped to it) must divide
+    the mini-batch.
+
+    Raises:
+        ConfigError: Naming both fields, their values and divisors that would work.
+    """
+    rollout = batch_size * group_size
+    minibatch = minibatch_size or rollout
+    if rollout % minibatch:
+        raise ConfigError(
+            f"model.minibatch_size={minibatch} does not divide the rollout size data.batch_size * "
+            f"model.sampling.group_size = {batch_size}*{group_size} = {rollout}; use a divisor of {rollout} "
+            f"(e.g. {', '.join(map(str, _nearby_divisors(rollout, minibatch)))}) or null for the whole rollout"
+        )
+    microbatch = min(microbatch_size or minibatch, minibatch)
+    if minibatch % microbatch:
+        raise ConfigError(
+            f"model.microbatch_size={microbatch} does not divide model.minibatch_size={minibatch}"
+            f"{'' if minibatch_size else ' (the whole rollout, minibatch_size is null)'}; use a divisor of "
+            f"{minibatch} (e.g. {', '.join(map(str, _nearby_divisors(minibatch, microbatch)))}) or null"
+        )
+
+
+def check_loss_choices(loss: Any) -> None:
+    """``loss.advantage``, ``loss.kl_estimator`` and ``loss.aggregation`` are known names.
+
+    The CLI checks these ``Literal`` types when it parses a config; a `Loss` built in Python is checked only
+    here (otherwise at the first training step).
+
+    Raises:
+        ConfigError: Naming the field, the allowed values and the value given.
+    """
+    for name, literal in (
+        ("advantage", AdvantageMode),
+        ("kl_estimator", KLEstimator),
+        ("aggregation", LossAggregation),
+    ):
+        value = getattr(loss, name, None)
+        allowed = get_args(literal)
+        if value not in allowed:
+            raise ConfigError(
+                f"model.loss.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+
+
+def check_special_tokens(tokenizer: Any, where: str) -> None:
+    """The tokenizer has an EOS token (where completions end) and a pad token (to batch prompts).
+
+    `lit_entropy.tokenizer.load_tokenizer` already pads with EOS when there is no pad token; this catches
+    tokenizers built or modified in code.
+
+    Raises:
+        ModelLoadError: Naming ``where`` (the tokenizer's folder) and the missing token.
+    """
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ModelLoadError(
+            f"the tokenizer of {where} has no eos token, so no completion could ever end; "
+            "set eos_token in its tokenizer_config.json"
+        )
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ModelLoadError(
+            f"the tokenizer of {where} has no pad token; set pad_token in its tokenizer_config.json "
+            "(padding with the eos token is fine: padding is masked out)"
+        )
+
+
+def check_chat_template(tokenizer: Any, chat_template: bool | None, where: str) -> None:
+    """``chat_template=True`` needs a tokenizer that defines one.
+
+    Raises:
+        ConfigError: Naming ``model.chat_template`` and the tokenizer's folder.
+    """
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model.chat_template=true but the tokenizer of {where} has no chat template "
+            "(none in its tokenizer_config.json or chat_template.jinja); set model.chat_template to null "
+            "(use it when present) or false, or use a tokenizer that defines one"
+        )
+
+
+def check_vocabulary(model: Any, tokenizer: Any, where: str) -> None:
+    """Every id the tokenizer can produce has a row in the model's input embedding.
+
+    Raises:
+        ModelLoadError: The tokenizer (e.g. ``policy.tokenizer_path`` of another model) has more ids than the
+            model has embeddings.
+    """
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"the tokenizer of {where} has {len(tokenizer)} ids but the model's embedding table has only {rows} "
+            "rows: is policy.tokenizer_path the tokenizer of another model?"
+        )
+
+
+def model_context_length(model: Any) -> int | None:
+    """The model's context length from its config (``max_position_embeddings`` or an alias), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_generation_budget(max_new_tokens: int, max_prompt_length: int | None, context: int | None) -> None:
+    """``max_new_tokens`` (plus ``max_prompt_length`` when set) fits in the model's context.
+
+    Raises:
+        ConfigError: Naming the sampling fields and the model's ``max_position_embeddings``.
+    """
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"model.sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"of max_position_embeddings={context} tokens; lower it"
+        )
+    if max_prompt_length is not None and max_prompt_length + max_new_tokens > context:
+        raise ConfigError(
+            f"model.sampling.max_prompt_length + max_new_tokens = {max_prompt_length} + {max_new_tokens} = "
+            f"{max_prompt_length + max_new_tokens} exceeds the model's max_position_embeddings={context}"
+        )
+
+
+def _sources(rows: Sequence[Any], sources: Sequence[str] | None, split: str) -> Sequence[str]:
+    if sources is not None and len(sources) == len(rows):
+        return sources
+    return [f"{split} row {index}" for index in range(len(rows))]
+
+
+def render_prompts(
+    rows: Sequence[Mapping[str, Any]],
+    sources: Sequence[str],
+    tokenizer: Any,
+    chat_template: bool | None,
+    system_prompt: str | None,
+) -> list[str]:
+    """Each row's prompt as the model will see it (`render_prompt`), naming the row when one cannot be rendered.
+
+    Raises:
+        DataError: ``"<file> row <i>: <why>"``, e.g. chat messages with a tokenizer that has no template.
+    """
+    rendered = []
+    for row, source in zip(rows, sources):
+        if "prompt" not in row:
+            raise DataError(f"{source}: the row has no 'prompt' field (columns: {', '.join(map(str, row))})")
+        try:
+            rendered.append(render_prompt(row["prompt"], tokenizer, chat_template, system_prompt))
+        except ConfigError as err:
+            raise DataError(f"{source}: {err}") from err
+    return rendered
+
+
+def check_prompt_lengths(
+    prompts: Sequence[str],
+    sources: Sequence[str],
+    tokenizer: Any,
+    max_new_tokens: int,
+    context: int | None,
+    max_prompt_length: int | None = None,
+) -> int:
+    """Every rendered prompt fits: ``tokens <= max_prompt_length`` and ``tokens + max_new_tokens <= context``.
+
+    Prompts are tokenized as the rollout does (``add_special_tokens=False``), ``1024`` at a time.
+
+    Returns:
+        The longest prompt in tokens (0 for no prompts).
+
+    Raises:
+        DataError: Naming the first offending row (file and index), its length, the limit and the prompt's
+            first 40 characters.
+    """
+    longest = 0
+    for start in range(0, len(prompts), _TOKENIZE_CHUNK):
+        chunk = list(prompts[start : start + _TOKENIZE_CHUNK])
+        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for offset, token_ids in enumerate(ids):
+            length = len(token_ids)
+            longest = max(longest, length)
+            index = start + offset
+            if max_prompt_length is not None and length > max_prompt_length:
+                raise DataError(
+                    f"{sources[index]}: prompt has {length} tokens, more than "
+                    f"model.sampling.max_prompt_length={max_prompt_length}: {prompts[index][:40]!r}"
+                )
+            if context is not None and length + max_new_tokens > context:
+                raise DataError(
+                    f"{sources[index]}: prompt has {length} tokens; with model.sampling.max_new_tokens="
+                    f"{max_new_tokens} that is {length + max_new_tokens}, more than the model's "
+                    f"max_position_embeddings={context}: {prompts[index][:40]!r}; shorten or drop the row, "
+                    "or lower max_new_tokens"
+                )
+    return longest
+
+
+def check_reward_fields(scorer: Any, row: Mapping[str, Any], source: str) -> None:
+    """Scores one completion (the row's answer) to catch reward functions that need a field the rows lack.
+
+    A reward function that reads ``example["answer"]`` from rows without that column fails on every
+    completion: the run would go on with constant rewards and zero advantages. Other failures of this single
+    call are left to training, where they are counted per completion.
+
+    Raises:
+        DataError: Naming the reward, the missing field, the row and its columns.
+    """
+    rewards_log = logging.getLogger("lit_entropy.rewards")
+    disabled, rewards_log.disabled = rewards_log.disabled, True  # a probe's failure is not a training warning
+    try:
+        result = scorer([str(row.get("answer", ""))], [row])
+    finally:
+        rewards_log.disabled = disabled
+    for index, name in enumerate(scorer.names):
+        error = result.first_errors.get(name)
+        if isinstance(error, KeyError) and error.args and error.args[0] not in row:
+            field = error.args[0]
+            raise DataError(
+                f"reward {name!r} (model.rewards[{index}]) reads field {field!r} of the dataset rows, but "
+                f"{source} has none (columns: {', '.join(map(str, row))}); set data.answer_field (or the "
+                "data) so that the rows carry it"
+            )
+
+
+def _describe_tokenizer(policy_config: Any) -> str:
+    path = getattr(policy_config, "tokenizer_path", None) or getattr(policy_config, "path", None)
+    if path is not None:
+        field = "policy.tokenizer_path" if getattr(policy_config, "tokenizer_path", None) else "policy.path"
+        return f"{field} '{path}'"
+    return "the embedded model" if getattr(policy_config, "embedded", None) is not None else "the policy"
+
+
+def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True) -> None:
+    """Runs every check above on a `GRPO` module whose policy is loaded and a data module that is set up.
+
+    Call it after ``configure_model`` and the data module's ``setup`` and before the first rollout, e.g.
+    from ``GRPO.on_fit_start``: ``preflight(self, self.trainer.datamodule)``. It tokenizes every loaded
+    prompt (train, val and test rows) once and calls each reward function once; nothing runs on the model.
+
+    Args:
+        module: A `GRPO` (reads ``policy``, ``tokenizer``, ``policy_config``, ``sampling``, ``loss_config``,
+            ``minibatch_size``, ``microbatch_size``, ``chat_template``, ``system_prompt``, ``reward_scorer``).
+        datamodule: The data module, or None (data checks are then skipped). Rows are read from its
+            ``train_rows``/``val_rows``/``test_rows`` and located with ``*_sources`` when present
+            (`lit_entropy.data.PromptDataModule` has both).
+        check_rewards: Call each reward function once on the first row (`check_reward_fields`).
+
+    Raises:
+        ConfigError, DataError, ModelLoadError: The first problem found, naming the field, file, row or value.
+    """
+    sampling = module.sampling
+    check_loss_choices(module.loss_config)
+    batch_size = getattr(datamodule, "batch_size", None)
+    if isinstance(batch_size, int) and batch_size > 0:
+        check_batch_sizes(batch_size, sampling.group_size, module.minibatch_size, module.microbatch_size)
+
+    tokenizer = getattr(module, "tokenizer", None)
+    model = getattr(module, "policy", None)
+    if tokenizer is None or model is None:
+        return  # called before configure_model: nothing more can be checked
+    where = _describe_tokenizer(getattr(module, "policy_config", None))
+    check_special_tokens(tokenizer, where)
+    check_chat_template(tokenizer, module.chat_template, where)
+    check_vocabulary(model, tokenizer, where)
+    context = model_context_length(model)
+    check_generation_budget(sampling.max_new_tokens, sampling.max_prompt_length, context)
+
+    first: tuple[Mapping[str, Any], str] | None = None
+    for split in _SPLITS:
+        rows = getattr(datamodule, f"{split}_rows", None)
+        if not rows:
+            continue
+        sources = _sources(rows, getattr(datamodule, f"{split}_sources", None), split)
+        prompts = render_prompts(rows, sources, tokenizer, module.chat_template, module.system_prompt)
+        check_prompt_lengths(
+            prompts, sources, tokenizer, sampling.max_new_tokens, context, sampling.max_prompt_length
+        )
+        if first is None:
+            first = (rows[0], sources[0])
+    if check_rewards and first is not None:
+        check_reward_fields(module.reward_scorer, *first)
