@@ -8,6 +8,7 @@ completions per prompt itself, so nothing here knows about tokenizers. Every row
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import random
@@ -18,19 +19,41 @@ from typing import Any, Literal
 import datasets
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lit_entropy.countdown import generate_countdown_examples
 from lit_entropy.errors import ConfigError, DataError
 
-__all__ = ["CountdownDataModule", "PromptDataModule", "load_prompt_rows"]
+__all__ = ["CountdownDataModule", "PromptDataModule", "load_prompt_rows", "load_prompt_rows_with_sources"]
 
 Row = dict[str, Any]
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Offset between the train and validation seeds of generated tasks: a large prime, so that the
 # validation stream of seed s is not the training stream of some nearby seed s' = s + small.
 _VAL_SEED_OFFSET = 1_000_003
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` whose next pass can start part-way, where a resumed run left its epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)`` (``set_epoch``), so a run resumed mid-epoch rebuilds
+    the same order and skips the rows it already trained on; ``len`` stays that of the whole epoch, so the
+    epoch ends at the same batch index as the uninterrupted run's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip_next(self, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` indices of the next pass only."""
+        self._skip = max(0, int(num_samples))
+
+    def __iter__(self):  # type: ignore[override]
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
 
 
 def collate_rows(batch: list[Row]) -> list[Row]:
@@ -72,6 +95,48 @@ def _check_field(path: str, index: int, row: Row, field_name: str, argument: str
         raise DataError(f"{path} row {index}: empty field {field_name!r} ({argument})")
 
 
+def _check_prompt_type(path: str, index: int, value: Any, field_name: str) -> None:
+    # A prompt is one user turn (text) or a list of chat messages; anything else cannot be rendered.
+    if isinstance(value, str):
+        return
+    if isinstance(value, list):
+        for position, message in enumerate(value):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(
+                    f"{path} row {index}: field {field_name!r} (prompt_field) message {position} must be "
+                    f"an object with 'role' and 'content', got {message!r:.80}"
+                )
+        return
+    raise DataError(
+        f"{path} row {index}: field {field_name!r} (prompt_field) must be text or a list of chat messages, "
+        f"got {type(value).__name__} {value!r:.80}"
+    )
+
+
+def _locate_json_problem(path: str, extension: str) -> str | None:
+    """Where a JSON / JSON-lines file is malformed, for the error message (None if Python's json accepts it)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            if extension == ".json":
+                try:
+                    json.load(file)
+                except json.JSONDecodeError as err:
+                    return f"line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}"
+                return None
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.strip())
+                except json.JSONDecodeError as err:
+                    return f"line {number}: invalid JSON: {err.msg} (column {err.colno})"
+                if not isinstance(value, dict):
+                    return f"line {number}: expected one JSON object per line, got {type(value).__name__}"
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text ({err.reason} at byte {err.start})"
+    return None
+
+
 def _read_file(path: str) -> list[Row]:
     extension = os.path.splitext(path)[1].lower()
     if extension not in _FORMATS:
@@ -89,7 +154,11 @@ def _read_file(path: str) -> list[Row]:
         # datasets reports a header-only CSV or a JSON file without records this way.
         if "corresponds to no data" in str(exc):
             raise DataError(f"{path}: file has no rows") from exc
-        raise DataError(f"{path}: cannot be read as {builder}: {type(exc).__name__}: {exc}") from exc
+        where = _locate_json_problem(path, extension) if builder == "json" else None
+        if where is not None:
+            raise DataError(f"{path}: cannot be read as {builder}: {where}") from exc
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path}: cannot be read as {builder}: {type(exc).__name__}: {reason}") from exc
     if len(dataset) == 0:
         raise DataError(f"{path}: file has no rows")
     return dataset.to_list()
@@ -111,21 +180,32 @@ def load_prompt_rows(
         "answer": row[answer_field]}`` (``"answer"`` only when ``answer_field`` is set).
 
     Raises:
-        DataError: An unsupported extension, missing, empty or unparsable file, or a row whose prompt/answer
-            field is missing or empty, naming the file, the row (counted from 0) and the field.
+        DataError: An unsupported extension, missing, empty or unparsable file (a JSON-lines file names its
+            first malformed line), or a row whose prompt/answer field is missing or empty, or whose prompt is
+            neither text nor a list of chat messages, naming the file, the row (counted from 0) and the field.
     """
+    return load_prompt_rows_with_sources(files, prompt_field, answer_field)[0]
+
+
+def load_prompt_rows_with_sources(
+    files: str | Sequence[str], prompt_field: str = "prompt", answer_field: str | None = "answer"
+) -> tuple[list[Row], list[str]]:
+    """As :func:`load_prompt_rows`, plus where each row comes from (``"<file> row <i>"``), for error messages."""
     rows: list[Row] = []
+    sources: list[str] = []
     for pattern in _as_list(files):
         for path in _expand(pattern):
             for index, row in enumerate(_read_file(path)):
                 _check_field(path, index, row, prompt_field, "prompt_field")
+                _check_prompt_type(path, index, row[prompt_field], prompt_field)
                 normalised = dict(row)
                 normalised["prompt"] = row[prompt_field]
                 if answer_field is not None:
                     _check_field(path, index, row, answer_field, "answer_field")
                     normalised["answer"] = row[answer_field]
                 rows.append(normalised)
-    return rows
+                sources.append(f"{path} row {index}")
+    return rows, sources
 
 
 class PromptDataModule(LightningDataModule):
@@ -163,6 +243,9 @@ class PromptDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if val_batch_size is not None and val_batch_size < 1:
@@ -173,6 +256,20 @@ class PromptDataModule(LightningDataModule):
             raise ConfigError(f"max_val_examples must be >= 0 or None, got {max_val_examples}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        for name, files in (
+            ("train_files", train_files),
+            ("val_files", val_files),
+            ("test_files", test_files),
+        ):
+            if files is not None and not (
+                isinstance(files, str)
+                or (isinstance(files, (list, tuple)) and all(isinstance(f, str) for f in files))
+            ):
+                raise ConfigError(
+                    f"{name} must be a path or a list of paths, got {type(files).__name__} {files!r}"
+                )
+            if files is not None and not isinstance(files, str) and not files:
+                raise ConfigError(f"{name} is an empty list: give at least one file, or null")
         if not prompt_field:
             raise ConfigError("prompt_field must be a non-empty column name")
         if answer_field == "":
@@ -196,12 +293,22 @@ class PromptDataModule(LightningDataModule):
         self.train_rows: list[Row] | None = None
         self.val_rows: list[Row] | None = None
         self.test_rows: list[Row] | None = None
+        # Where each row comes from ("<file> row <i>"), aligned with the rows: errors found later (a prompt
+        # longer than the model's context, see `lit_entropy.preflight`) can name the file and row.
+        self.train_sources: list[str] | None = None
+        self.val_sources: list[str] | None = None
+        self.test_sources: list[str] | None = None
 
-    def _load(self, files: str | Sequence[str]) -> list[Row]:
-        return load_prompt_rows(files, self.prompt_field, self.answer_field)
+    def _load(self, files: str | Sequence[str]) -> tuple[list[Row], list[str]]:
+        return load_prompt_rows_with_sources(files, self.prompt_field, self.answer_field)
 
     def _split_off_validation(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         """Holds out ``val_fraction`` of ``rows``; both parts keep the file order."""
+        train_indices, val_indices = self._validation_split(rows)
+        return [rows[i] for i in train_indices], [rows[i] for i in val_indices]
+
+    def _validation_split(self, rows: list[Row]) -> tuple[list[int], list[int]]:
+        """Indices of the training and held-out rows, each in file order."""
         num_val = max(1, math.floor(len(rows) * self.val_fraction))
         if num_val >= len(rows):
             raise DataError(
@@ -210,24 +317,29 @@ class PromptDataModule(LightningDataModule):
             )
         order = list(range(len(rows)))
         random.Random(self.seed).shuffle(order)
-        val_indices = set(order[len(rows) - num_val :])
-        train = [row for i, row in enumerate(rows) if i not in val_indices]
-        val = [row for i, row in enumerate(rows) if i in val_indices]
-        return train, val
+        held_out = set(order[len(rows) - num_val :])
+        return [i for i in range(len(rows)) if i not in held_out], sorted(held_out)
 
     def _setup_fit(self) -> None:
         if self.train_rows is not None:
             return
         if self.train_files is None:
             raise ConfigError("train_files is not set: give the training prompt file(s)")
-        rows = self._load(self.train_files)
+        rows, sources = self._load(self.train_files)
         val: list[Row] = []
+        val_sources: list[str] = []
         if self.val_files is not None:
-            val = self._load(self.val_files)
+            val, val_sources = self._load(self.val_files)
         elif self.val_fraction > 0:
-            rows, val = self._split_off_validation(rows)
-        self.train_rows = rows
-        self.val_rows = val if self.max_val_examples is None else val[: self.max_val_examples]
+            train_indices, val_indices = self._validation_split(rows)
+            val, val_sources = [rows[i] for i in val_indices], [sources[i] for i in val_indices]
+            rows, sources = [rows[i] for i in train_indices], [sources[i] for i in train_indices]
+        self.train_rows, self.train_sources = rows, sources
+        self._set_val(val, val_sources)
+
+    def _set_val(self, rows: list[Row], sources: list[str]) -> None:
+        keep = len(rows) if self.max_val_examples is None else self.max_val_examples
+        self.val_rows, self.val_sources = rows[:keep], sources[:keep]
 
     def _setup_validate(self) -> None:
         if self.val_rows is not None:
@@ -236,12 +348,11 @@ class PromptDataModule(LightningDataModule):
             # The held-out rows are defined by the training files, so load both together.
             self._setup_fit()
             return
-        val = self._load(self.val_files) if self.val_files is not None else []
-        self.val_rows = val if self.max_val_examples is None else val[: self.max_val_examples]
+        self._set_val(*(self._load(self.val_files) if self.val_files is not None else ([], [])))
 
     def _setup_test(self) -> None:
         if self.test_rows is None and self.test_files is not None:
-            self.test_rows = self._load(self.test_files)
+            self.test_rows, self.test_sources = self._load(self.test_files)
 
     @override
     def setup(self, stage: Literal["fit", "validate", "test", "predict"] | str | None = None) -> None:
@@ -263,12 +374,35 @@ class PromptDataModule(LightningDataModule):
                 f"{len(self.train_rows)} training rows (from {self._describe_train()}) are fewer than "
                 f"batch_size={self.batch_size}"
             )
-        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        trainer = getattr(self, "trainer", None)
+        distributed = trainer is not None and trainer.world_size > 1
+        # One sampler for one process and for several: each epoch's order is a function of (seed, epoch), and
+        # each rank takes every world_size-th row of it (batch_size is per rank). Lightning leaves a
+        # DistributedSampler in place (its own would always shuffle) and calls set_epoch every epoch.
+        sampler = ResumableSampler(
+            self.train_rows,  # type: ignore[arg-type]
+            num_replicas=trainer.world_size if distributed else 1,
+            rank=trainer.global_rank if distributed else 0,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=True,
+        )
+        if trainer is not None:
+            # A resumed run starts after the batches of this epoch that the checkpoint had already trained on
+            # ("processed": a checkpoint written in on_train_batch_end has not yet marked its batch completed,
+            # and Lightning does not run it again). A checkpoint at the end of an epoch skips nothing.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if done >= len(sampler) // self.batch_size:
+                done = 0
+            sampler.skip_next(done * self.batch_size)
+            if done:
+                warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         return DataLoader(
             self.train_rows,  # type: ignore[arg-type]  # a list is a valid map-style dataset
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=sampler,
+            # worker seeds are drawn from this generator, not from the global RNG that sampling uses
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=True,
             collate_fn=collate_rows,
             num_workers=self.num_workers,
@@ -372,9 +506,12 @@ class CountdownDataModule(PromptDataModule):
         if self.train_rows is not None:
             return
         self.train_rows = self._generate(self.num_train, self.seed)
+        self.train_sources = [f"countdown train row {i}" for i in range(len(self.train_rows))]
         train_prompts = {row["prompt"] for row in self.train_rows}
         val = self._generate(self.num_val, self.seed + _VAL_SEED_OFFSET)
-        self.val_rows = [row for row in val if row["prompt"] not in train_prompts]
+        kept = [i for i, row in enumerate(val) if row["prompt"] not in train_prompts]
+        self.val_rows = [val[i] for i in kept]
+        self.val_sources = [f"countdown val row {i}" for i in kept]
 
     @override
     def _setup_validate(self) -> None:

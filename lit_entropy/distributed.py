@@ -9,6 +9,8 @@ process holding the concatenated batch. All functions are no-ops in a single pro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,15 @@ def sum_over_ranks(values: Tensor) -> Tensor:
     total = values.detach().to(torch.float64).clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.to(values.dtype)
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` (picklable values; ``[value]`` in a single process)."""
+    if world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def gather_rows(tensors: Sequence[Tensor]) -> tuple[list[Tensor], int]:
@@ -124,3 +135,79 @@ def shard_policy(model: nn.Module, mesh: object, param_dtype: torch.dtype | None
             "embed_tokens from policy.lora.target_modules"
         )
     return len(layers)
+
+
+def _model_parallel_strategy() -> type:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FSDP2(_model_parallel_strategy()):  # type: ignore[misc]
+    """Lightning's ``ModelParallelStrategy`` for data-parallel FSDP2 training of a LoRA policy.
+
+    ``trainer.strategy: {class_path: lit_entropy.distributed.FSDP2, init_args: {data_parallel_size: N}}``.
+    `lit_entropy.module.GRPO` shards each decoder layer (`shard_policy`). Checkpoints are directories written
+    by ``torch.distributed.checkpoint``, every rank writing its shards, and hold only what trains (the LoRA
+    weights), the optimizer and Lightning's loop/callback state: the frozen base is reloaded from
+    ``policy.path``. Loading therefore asks for exactly those tensors (Lightning's own loader asks for the
+    whole model and would refuse such a checkpoint).
+
+    Args:
+        data_parallel_size: ranks to shard over (default: all of them).
+        save_distributed_checkpoint: write sharded directories (True) or one full file from rank 0 (False).
+        process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU (default: by device).
+        timeout: collective timeout.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: int | str = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: Any = None,
+    ) -> None:
+        from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout if timeout is not None else default_pg_timeout,
+        )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not (path / _METADATA_FILENAME).is_file():
+            raise ConfigError(f"{path}: not a checkpoint directory (no {_METADATA_FILENAME})")
+        module = self.lightning_module
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        full = get_model_state_dict(module)
+        state = {"state_dict": {name: value for name, value in full.items() if name in trainable}}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optimizer_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        # everything else Lightning saved (loops, callbacks, lit_entropy's RNG state), from rank 0's file
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,9 +30,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lit_entropy.distributed import shard_policy, sum_over_ranks, world_size
+from lit_entropy.distributed import FSDP2, gather_objects, rank, shard_policy, sum_over_ranks, world_size
 from lit_entropy.embedded import EmbeddedModel
-from lit_entropy.errors import ConfigError
+from lit_entropy.errors import ConfigError, LitEntropyError
 from lit_entropy.evaluation import distinct_correct, pass_at_k
 from lit_entropy.functional import group_advantages, token_logprobs_and_entropy
 from lit_entropy.head import head_logprobs_and_entropy
@@ -46,10 +47,12 @@ from lit_entropy.model import (
     reference_context,
     trainable_parameters,
 )
+from lit_entropy.preflight import preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import MinibatchView, Regularizer, find_regularizers
 from lit_entropy.rewards import Reward, RewardScorer
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
+from lit_entropy.shutdown import CheckpointOnSigterm
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class GRPO(LightningModule):
             rollout. Exact only where the sampler and the trainer run the same weights in the same precision
             (mismatch measured in docs/performance.md). Off by default: with a quantized or lower-precision
             sampler the ratio of the first update would no longer start at 1.
+        max_consecutive_nonfinite: an update whose loss or gradient is not finite is skipped and counted
+            (``train/skipped_nonfinite``); this many in a row stop the run with an error.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class GRPO(LightningModule):
         fused_head: bool = True,
         head_chunk_size: int | None = None,
         sampler_logprobs: bool = False,
+        max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -140,6 +146,8 @@ class GRPO(LightningModule):
         self.fused_head = fused_head
         self.head_chunk_size = head_chunk_size
         self.sampler_logprobs = sampler_logprobs
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self._nonfinite_in_a_row = 0  # checkpointed: a resumed run keeps counting
         self._validate()
         self.reward_scorer = RewardScorer(rewards, on_error=reward_on_error)
         self.policy: torch.nn.Module | None = None
@@ -179,6 +187,8 @@ class GRPO(LightningModule):
             raise ConfigError(
                 f"pass_at_k values must be in [1, val_num_samples={self.val_num_samples}], got {self.pass_at_k}"
             )
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -198,6 +208,11 @@ class GRPO(LightningModule):
         self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy (FSDP2)
         self._sharded = mesh is not None
+        if self._sharded and not isinstance(self.trainer.strategy, FSDP2):
+            raise ConfigError(
+                f"trainer.strategy {type(self.trainer.strategy).__name__} cannot resume lit_entropy's adapter-only "
+                "checkpoints: use class_path lit_entropy.distributed.FSDP2 (data-parallel FSDP2)"
+            )
         if self._sharded:
             num_layers = shard_policy(self.policy, mesh, param_dtype=getattr(torch, self.policy_config.dtype))
             rank_zero_info(
@@ -216,6 +231,11 @@ class GRPO(LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; generation switches to eval explicitly
 
     @override
+    def configure_callbacks(self) -> list[Any]:
+        """A checkpoint at the iteration boundary where a SIGTERM stops the run (`CheckpointOnSigterm`)."""
+        return [CheckpointOnSigterm()]
+
+    @override
     def configure_optimizers(self) -> Any:
         parameters = trainable_parameters(self.policy)
         if self.optimizer_factory is not None:
@@ -228,6 +248,8 @@ class GRPO(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        # every check that needs the model, the tokenizer and the data together, before any compute
+        preflight(self, self.trainer.datamodule)
         self._regularizers = find_regularizers(self.trainer.callbacks)
         rank_zero_info(
             f"lit_entropy: {self.updates_per_iteration(self._rollout_size())} optimizer update(s) per RL iteration; "
@@ -394,6 +416,7 @@ class GRPO(LightningModule):
                 # the normalisers count every rank's mini-batch: the global token mean, not a mean of means
                 num_tokens = sum_over_ranks(mb_mask.sum())
                 mb_stats = (None, None)
+                update_loss = torch.zeros((), device=self.device)
                 if needs_stats and microbatch < minibatch:
                     mb_stats = self._minibatch_stats(rollout, mb_rows, microbatch)
                 for mc_start in range(0, minibatch, microbatch):
@@ -434,10 +457,13 @@ class GRPO(LightningModule):
                     # undo the average to get the gradient of the global loss
                     self.manual_backward(result.loss * ranks if ranks > 1 else result.loss)
                     sums.add(result, view.mask)
+                    update_loss += result.loss.detach()
                     if epoch == 0:
                         first_epoch_entropy[rows] = entropy.detach()
                         first_epoch_logprobs[rows] = logprobs.detach()
-                sums.grad_norm += self._step(optimizer, scheduler)
+                sums.grad_norm += self._step(
+                    optimizer, scheduler, sums, update_loss, empty=int(num_tokens) == 0
+                )
                 update += 1
 
         elapsed = time.perf_counter() - started
@@ -466,12 +492,40 @@ class GRPO(LightningModule):
             entropies.append(ent)
         return torch.cat(logprobs), torch.cat(entropies)
 
-    def _step(self, optimizer: Any, scheduler: Any) -> Tensor:
-        """Clip, step, zero, schedule; returns the gradient norm before clipping."""
+    def _step(
+        self, optimizer: Any, scheduler: Any, sums: _IterationSums, loss: Tensor, empty: bool
+    ) -> Tensor:
+        """Clip, step, zero, schedule; returns the gradient norm before clipping (0 for a skipped update).
+
+        An update is skipped (gradients dropped, no optimizer or scheduler step) when its mini-batch has no
+        kept token on any rank (``empty``) or when the loss or the gradient is not finite on some rank; the
+        latter are counted, and `max_consecutive_nonfinite` of them in a row stop the run.
+        """
         grads = [p.grad for p in trainable_parameters(self.policy) if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a partial DTensor
             grad_norm = grad_norm.full_tensor()
+        if empty:
+            optimizer.zero_grad(set_to_none=True)
+            sums.skipped_empty += 1
+            return torch.zeros((), device=self.device)
+        # after the gradient all-reduce every rank holds the same norm; the loss is local, so sum it
+        if not (torch.isfinite(grad_norm) and torch.isfinite(sum_over_ranks(loss))):
+            optimizer.zero_grad(set_to_none=True)
+            sums.skipped_nonfinite += 1
+            self._nonfinite_in_a_row += 1
+            log.warning(
+                f"lit_entropy: non-finite loss or gradient (grad norm {float(grad_norm)}, loss {float(loss)}); "
+                f"update skipped ({self._nonfinite_in_a_row} in a row)"
+            )
+            if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
+                raise LitEntropyError(
+                    f"{self._nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+                    f"(max_consecutive_nonfinite={self.max_consecutive_nonfinite}): lower the learning rate, "
+                    "check the rewards and the model's dtype, or resume from the last checkpoint"
+                )
+            return torch.zeros((), device=self.device)
+        self._nonfinite_in_a_row = 0
         if self.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
@@ -507,6 +561,7 @@ class GRPO(LightningModule):
             (groups == groups[:, :1]).all(dim=1).float().sum(),
             torch.tensor(float(groups.shape[0])),
             torch.tensor(float(scores.num_errors)),
+            torch.tensor(float(scores.num_timeouts)),
             sums.loss,
             sums.clipped_low,
             sums.clipped_high,
@@ -514,6 +569,8 @@ class GRPO(LightningModule):
             sums.kl,
             sums.kl_tokens,
             sums.grad_norm,
+            torch.tensor(float(sums.skipped_nonfinite)),
+            torch.tensor(float(sums.skipped_empty)),
             *(scores.per_function[name].float().sum() for name in function_names),
             *(torch.as_tensor(sums.terms[name]) for name in term_names),
             *(sums.metrics[name][0] / sums.metrics[name][1] for name in metric_names),
@@ -522,9 +579,10 @@ class GRPO(LightningModule):
             [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in local]
         )
         total = sum_over_ranks(packed).tolist()  # one all-reduce for everything
-        (n, reward_sum, reward_sq, tokens, truncated, zero_std, num_groups, errors) = total[:8]
-        (loss, clipped_low, clipped_high, trained_tokens, kl, kl_tokens, grad_norm) = total[8:15]
-        rest = total[15:]
+        (n, reward_sum, reward_sq, tokens, truncated, zero_std, num_groups, errors, timeouts) = total[:9]
+        (loss, clipped_low, clipped_high, trained_tokens, kl, kl_tokens, grad_norm) = total[9:16]
+        skipped_nonfinite, skipped_empty = total[16:18]
+        rest = total[18:]
         ranks = world_size()
         reward_mean = reward_sum / n
         # unbiased std over all N rewards (what torch.std gives on the concatenated batch)
@@ -535,14 +593,20 @@ class GRPO(LightningModule):
             "rollout/completion_length": tokens / n,
             "rollout/truncated_frac": truncated / n,
             "rollout/frac_zero_std": zero_std / num_groups,
-            "rollout/reward_errors": errors,
+            "rollout/reward_errors": errors,  # raised, returned a non-number, or timed out
+            "rollout/reward_timeouts": timeouts,
             "train/loss": loss / updates,
             "train/clip_frac_low": clipped_low / max(trained_tokens, 1.0),
             "train/clip_frac_high": clipped_high / max(trained_tokens, 1.0),
             # gradients are synchronised, so every rank measured the same norm
-            "train/grad_norm": grad_norm / ranks / updates,
+            "train/grad_norm": grad_norm
+            / ranks
+            / max(updates - (skipped_nonfinite + skipped_empty) / ranks, 1),
             "train/tokens_per_sec": tokens / max(elapsed, 1e-9),
             "train/updates": float(updates),
+            # every rank takes the same skip decisions
+            "train/skipped_nonfinite": skipped_nonfinite / ranks,
+            "train/skipped_empty": skipped_empty / ranks,
         }
         for name, value in zip(function_names, rest[: len(function_names)], strict=True):
             stats[f"rollout/reward/{name}"] = value / n
@@ -607,12 +671,19 @@ class GRPO(LightningModule):
         """Keep only trainable weights: the frozen base (possibly 4-bit) is reloaded from ``policy.path``."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lit_entropy"] = {"shuffle_rng": self._shuffle.get_state()}
+        checkpoint["lit_entropy"] = {
+            "shuffle_rng": self._shuffle.get_state(),
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            # sampling draws from the global RNGs: each rank's state, so a resumed run samples what the
+            # uninterrupted run would have
+            "rng_states": gather_objects(_rng_state()),
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = trainable - set(checkpoint["state_dict"])
+        # a sharded (FSDP2) checkpoint's tensors were already loaded by the strategy
+        missing = trainable - set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set()
         if missing:
             raise ConfigError(
                 f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}): "
@@ -621,6 +692,10 @@ class GRPO(LightningModule):
         state = checkpoint.get("lit_entropy", {})
         if "shuffle_rng" in state:
             self._shuffle.set_state(state["shuffle_rng"])
+        self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        rng_states = state.get("rng_states")
+        if rng_states:
+            _set_rng_state(rng_states[rank()] if len(rng_states) == world_size() else rng_states[0])
 
     @override
     def on_fit_end(self) -> None:
@@ -649,6 +724,21 @@ class GRPO(LightningModule):
         rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")
 
 
+def _rng_state() -> dict[str, Any]:
+    """This process's global RNG states (torch CPU, CUDA if initialised, Python's ``random``)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _mean(rows: list[tuple[float, float]], column: int) -> float:
     return sum(row[column] for row in rows) / len(rows)
 
@@ -665,6 +755,8 @@ class _IterationSums:
         self.kl = zero.clone()
         self.kl_tokens = zero.clone()
         self.grad_norm = zero.clone()
+        self.skipped_nonfinite = 0  # updates skipped for a non-finite loss or gradient
+        self.skipped_empty = 0  # updates skipped because the mini-batch kept no token
         self.terms: dict[str, Tensor] = {}
         self.metrics: dict[str, tuple[Tensor, int]] = {}
 

@@ -27,11 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 from lit_entropy import GRPO, LoRA, Policy, Reward, Sampling  # noqa: E402
 from lit_entropy.callbacks import ClipCov, HighEntropyTokens, KLCov  # noqa: E402
 from lit_entropy.data import PromptDataModule  # noqa: E402
+from lit_entropy.distributed import FSDP2  # noqa: E402
 from lit_entropy.loss import Loss  # noqa: E402
 from lit_entropy.prompts import render_prompt  # noqa: E402
 from lit_entropy.rollout import Rollout, completion_keep_mask  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per rank")
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument(
-        "--regularizer", default="none", choices=["none", "clip_cov", "kl_cov", "high_entropy"]
+        "--regularizers", nargs="*", default=[], choices=["clip_cov", "kl_cov", "high_entropy"]
     )
     parser.add_argument("--scripted", action="store_true")
     parser.add_argument("--ckpt-dir", default=None, help="save a checkpoint every iteration here")
@@ -113,11 +114,15 @@ def main() -> None:
     seed_everything(0, workers=True)
 
     callbacks: list[Callback] = [Record()]
-    if args.regularizer == "clip_cov":
-        callbacks.append(ClipCov(ratio=0.05, cov_lb=-10.0, cov_ub=10.0, scope="batch"))
-    elif args.regularizer == "kl_cov":
+    # Batch scope: each selects over the global mini-batch (covariance centred on global means, counts of
+    # global tokens), so a per-rank selection would change the trained weights. ratio=1 makes Clip-Cov keep
+    # every candidate: its random draw depends on the order of rows, which shuffling makes differ between
+    # layouts (the same distribution, not the same draw).
+    if "clip_cov" in args.regularizers:
+        callbacks.append(ClipCov(ratio=1.0, cov_lb=0.0, cov_ub=10.0, scope="batch"))
+    if "kl_cov" in args.regularizers:
         callbacks.append(KLCov(ratio=0.05, kl_coef=5.0, scope="batch"))
-    elif args.regularizer == "high_entropy":
+    if "high_entropy" in args.regularizers:
         callbacks.append(HighEntropyTokens(rho=0.3, scope="batch"))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1, save_top_k=-1))
@@ -144,7 +149,7 @@ def main() -> None:
     if args.strategy == "ddp":
         strategy, devices = DDPStrategy(process_group_backend="gloo"), 2
     elif args.strategy == "fsdp2":
-        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+        strategy, devices = FSDP2(data_parallel_size=2), 2
     else:
         strategy, devices = "auto", 1
     trainer = Trainer(
