@@ -22,8 +22,8 @@ Configuration mapping (ours -> TRL ``GRPOConfig``); ``N = B*G``, ``m`` mini-batc
     sampling.group_size G                     num_generations = G
     sampling.max_new_tokens                   max_completion_length
     sampling.temperature / top_p              temperature / top_p
-    sampling.top_k None (transformers then    top_k = 50  (TRL's default 0 disables top-k; 50 matches ours)
-      applies its global default top_k=50)
+    sampling.top_k None (off: generate_rollout top_k = 0  (TRL's default: top-k off as well)
+      passes top_k=0 explicitly)
     microbatch_size n                         per_device_train_batch_size = n (TRL counts completions)
     minibatch_size m                          gradient_accumulation_steps = m / n
     N / n micro-batches per rollout           steps_per_generation = N / n
@@ -52,8 +52,8 @@ Configuration mapping (ours -> TRL ``GRPOConfig``); ``N = B*G``, ``m`` mini-batc
 
 Not identical (none should matter for speed): TRL's ``dapo`` divides each mini-batch's token-loss sum by the
 rollout's mean kept tokens per mini-batch, ours (``token-mean``) by that mini-batch's own kept tokens (equal in
-expectation); TRL computes log-probs with its chunked fused LM head while ours slices the logits of completion
-positions; rollouts are shuffled into micro-batches once per rollout by TRL (reused by every epoch) and once per
+expectation); TRL computes log-probs from its model's logits of the completion positions while ours projects the
+final hidden states chunk by chunk (`lit_entropy.head`); rollouts are shuffled into micro-batches once per rollout by TRL (reused by every epoch) and once per
 epoch by ours; both sample, so completion lengths differ between the sides: the mean completion length and the
 seconds per 1k completion tokens are printed too.
 
@@ -91,8 +91,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULT_PREFIX = "VS_TRL_RESULT "
 SIDES = ("lit_entropy", "trl")
 REWARD_FN = "lit_entropy.countdown.countdown_reward"
-# transformers' global default, applied to our Sampling(top_k=None); TRL's own default 0 turns top-k off
-TRL_TOP_K = 50
+# our Sampling(top_k=None) turns top-k off (generate_rollout passes top_k=0); so does TRL's top_k=0
+TRL_TOP_K = 0
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -489,7 +489,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     print(
         "Not identical: TRL 'dapo' normalises each mini-batch by the rollout's mean tokens per mini-batch (ours: "
         "its own count); TRL's fused chunked LM head vs our sliced logits; both sample, so completion lengths "
-        "differ (compare s / 1k tokens too). TRL top_k is set to 50 = the transformers default that ours gets."
+        "differ (compare s / 1k tokens too). Top-k is off on both sides."
     )
 
 
