@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
@@ -139,6 +140,13 @@ class LitEntropyCLI(LightningCLI):
         )
 
     @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # A periodic checkpoint and a last.ckpt by default, so that `fit --ckpt_path last` has something to
+        # resume from after a crash (adapters only: small). `--checkpoint.every_n_train_steps` changes it.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
+
+    @override
     def before_instantiate_classes(self) -> None:
         # As with Lightning's own default logger, --trainer.default_root_dir moves logs, config.yaml,
         # checkpoints and the adapter together.
@@ -149,6 +157,24 @@ class LitEntropyCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
                 init_args.save_dir = root
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            config.ckpt_path = find_last_checkpoint(root or DEFAULT_ROOT_DIR)
+
+
+def find_last_checkpoint(root: str) -> str:
+    """The newest ``last*.ckpt`` under ``root`` (any logger version), or ``"last"`` when there is none.
+
+    Lightning resolves ``--ckpt_path last`` only in the checkpoint folder of the *new* run's logger version,
+    which is empty, and would start from scratch; the previous run's ``last.ckpt`` (periodic, or written on
+    SIGTERM) is in an older version folder.
+    """
+    candidates = [path for path in Path(root).glob("**/last*.ckpt")]
+    if not candidates:
+        print(f"lit-entropy: no last*.ckpt under {root}: starting from scratch", file=sys.stderr)
+        return "last"
+    newest = max(candidates, key=lambda path: path.stat().st_mtime)
+    print(f"lit-entropy: resuming from {newest}", file=sys.stderr)
+    return str(newest)
 
 
 def _project_error(error: BaseException) -> LitEntropyError | None:

@@ -461,16 +461,18 @@ class GRPO(LightningModule):
                     if epoch == 0:
                         first_epoch_entropy[rows] = entropy.detach()
                         first_epoch_logprobs[rows] = logprobs.detach()
-                sums.grad_norm += self._step(
-                    optimizer, scheduler, sums, update_loss, empty=int(num_tokens) == 0
-                )
+                grad_norm = self._step(optimizer, scheduler, sums, update_loss, empty=int(num_tokens) == 0)
+                if grad_norm is not None:  # the update was made (not skipped)
+                    sums.grad_norm += grad_norm
+                    sums.loss += update_loss
                 update += 1
 
         elapsed = time.perf_counter() - started
         entropy_mean = self.train_entropy(first_epoch_entropy[mask])
         self.train_reward(rewards)
         stats = self._log_iteration(rollout, scores, rewards, sums, updates, elapsed, group)
-        self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
+        if torch.isfinite(entropy_mean):  # a rollout without kept tokens has no mean entropy
+            self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
         return {
             "entropy": entropy_mean.detach(),
             "reward": stats["rollout/reward_mean"],
@@ -494,12 +496,13 @@ class GRPO(LightningModule):
 
     def _step(
         self, optimizer: Any, scheduler: Any, sums: _IterationSums, loss: Tensor, empty: bool
-    ) -> Tensor:
-        """Clip, step, zero, schedule; returns the gradient norm before clipping (0 for a skipped update).
+    ) -> Tensor | None:
+        """Clip, step, zero, schedule; returns the gradient norm before clipping, or None for a skipped update.
 
         An update is skipped (gradients dropped, no optimizer or scheduler step) when its mini-batch has no
         kept token on any rank (``empty``) or when the loss or the gradient is not finite on some rank; the
-        latter are counted, and `max_consecutive_nonfinite` of them in a row stop the run.
+        latter are counted, and `max_consecutive_nonfinite` of them in a row stop the run. A skipped update
+        still advances Lightning's step count, so ``max_steps`` and ``every_n_train_steps`` keep their meaning.
         """
         grads = [p.grad for p in trainable_parameters(self.policy) if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
@@ -508,7 +511,8 @@ class GRPO(LightningModule):
         if empty:
             optimizer.zero_grad(set_to_none=True)
             sums.skipped_empty += 1
-            return torch.zeros((), device=self.device)
+            self._count_skipped_step()
+            return None
         # after the gradient all-reduce every rank holds the same norm; the loss is local, so sum it
         if not (torch.isfinite(grad_norm) and torch.isfinite(sum_over_ranks(loss))):
             optimizer.zero_grad(set_to_none=True)
@@ -524,7 +528,8 @@ class GRPO(LightningModule):
                     f"(max_consecutive_nonfinite={self.max_consecutive_nonfinite}): lower the learning rate, "
                     "check the rewards and the model's dtype, or resume from the last checkpoint"
                 )
-            return torch.zeros((), device=self.device)
+            self._count_skipped_step()
+            return None
         self._nonfinite_in_a_row = 0
         if self.max_grad_norm is not None:
             self.clip_gradients(
@@ -535,6 +540,12 @@ class GRPO(LightningModule):
         if scheduler is not None:
             scheduler.step()
         return grad_norm.detach()
+
+    def _count_skipped_step(self) -> None:
+        """Advance the optimizer-step progress (Lightning's ``global_step``) for an update that was skipped."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
 
     def _log_iteration(
         self,
@@ -595,7 +606,8 @@ class GRPO(LightningModule):
             "rollout/frac_zero_std": zero_std / num_groups,
             "rollout/reward_errors": errors,  # raised, returned a non-number, or timed out
             "rollout/reward_timeouts": timeouts,
-            "train/loss": loss / updates,
+            "train/loss": loss
+            / max(updates - (skipped_nonfinite + skipped_empty) / ranks, 1),  # updates made
             "train/clip_frac_low": clipped_low / max(trained_tokens, 1.0),
             "train/clip_frac_high": clipped_high / max(trained_tokens, 1.0),
             # gradients are synchronised, so every rank measured the same norm
@@ -761,7 +773,6 @@ class _IterationSums:
         self.metrics: dict[str, tuple[Tensor, int]] = {}
 
     def add(self, result: Any, mask: Tensor) -> None:
-        self.loss += result.loss.detach()
         self.clipped_low += (result.clipped_low & mask).sum()
         self.clipped_high += (result.clipped_high & mask).sum()
         self.tokens += mask.sum()

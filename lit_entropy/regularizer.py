@@ -19,6 +19,7 @@ Shapes: ``n`` sequences in the micro-batch, ``m`` in the optimizer mini-batch, `
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,8 +150,11 @@ class Regularizer(Callback):
         return None
 
 
-def measured_entropy(outputs: Any, name: str) -> float:
+def measured_entropy(outputs: Any, name: str) -> float | None:
     """``outputs["entropy"]`` of ``training_step`` (rollout mean token entropy, nats) as a float.
+
+    ``None`` when it is not finite (a rollout without a single kept token has no mean entropy): controllers
+    then leave their state as it is for that iteration.
 
     Raises:
         ConfigError: naming ``name`` when the outputs carry no entropy (a module other than GRPO).
@@ -158,7 +162,8 @@ def measured_entropy(outputs: Any, name: str) -> float:
     if not isinstance(outputs, Mapping) or "entropy" not in outputs:
         keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
         raise ConfigError(f"{name} needs outputs['entropy'] from training_step, got {keys}")
-    return float(outputs["entropy"])
+    value = float(outputs["entropy"])
+    return value if math.isfinite(value) else None
 
 
 def find_regularizers(callbacks: Iterable[Callback]) -> list[Regularizer]:

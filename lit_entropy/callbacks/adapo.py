@@ -143,6 +143,8 @@ class ADAPO(Regularizer):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         entropy = measured_entropy(outputs, self.name)
+        if entropy is None:  # no kept token in this rollout: nothing measured
+            return
         if not self._warned_on_policy and float(outputs.get("train/updates", 2)) == 1:
             # every ratio is exactly 1 with one update per rollout: no clip range, adapted or not, is ever active
             rank_zero_warn(

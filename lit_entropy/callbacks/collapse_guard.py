@@ -117,6 +117,8 @@ class CollapseGuard(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         entropy = measured_entropy(outputs, type(self).__name__)
+        if entropy is None:  # no kept token in this rollout: nothing measured
+            return
         if self.relative and self.first_entropy is None:
             self.first_entropy = entropy
         floor = self.floor_nats

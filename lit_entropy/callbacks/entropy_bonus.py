@@ -177,6 +177,8 @@ class AdaptiveEntropyBonus(Regularizer):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         measured = measured_entropy(outputs, self.name)
+        if measured is None:  # no kept token in this rollout: nothing measured
+            return
         self.coef = adaptive_coef_step(
             self.coef, measured, self.target, self.delta, self.coef_min, self.coef_max
         )

@@ -287,6 +287,8 @@ class EntropyConstraint(Regularizer):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         measured = measured_entropy(outputs, self.name)
+        if measured is None:  # no kept token in this rollout: nothing measured
+            return
         if self.relative and self.initial_entropy is None:
             self.initial_entropy = measured
         target = self.target()

@@ -234,8 +234,10 @@ class EntropyLaw(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._entropy_sum += self._read_entropy(outputs)
-        self._entropy_count += 1
+        entropy = self._read_entropy(outputs)
+        if math.isfinite(entropy):  # a rollout without kept tokens has no mean entropy
+            self._entropy_sum += entropy
+            self._entropy_count += 1
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

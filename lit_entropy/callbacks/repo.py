@@ -301,6 +301,8 @@ class REPO(Regularizer):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         entropy = measured_entropy(outputs, self.name)
+        if entropy is None:  # no kept token in this rollout: nothing measured
+            return
         if self.target is None:
             self.target = entropy
         self.zeta = next_zeta(self.zeta, entropy, self.target, self.zeta_min, self.zeta_max, self.two_way)

@@ -1,0 +1,189 @@
+"""A short GRPO fit of the tiny model for tests/test_reliability.py, in-process (`run_fit`) or as a script to kill.
+
+Six RL iterations of 2 prompts x 4 completions (real sampling at temperature 1), two PPO epochs over two
+mini-batches of 4 (4 optimizer updates per iteration, so the mini-batch shuffling RNG matters), over 8
+Countdown prompts shuffled per epoch (4 iterations per epoch: the run crosses an epoch boundary). A
+``ModelCheckpoint`` writes ``epoch=E-step=S.ckpt`` every ``--every`` optimizer steps (and ``last.ckpt``).
+Every iteration appends one JSON line to ``--records`` (flushed at once): every logged statistic, the prompts it
+trained on and the sum of the LoRA weights after it, so a test can poll the file and kill the process at a
+chosen point, then compare a resumed run's iterations with an uninterrupted run's.
+
+    python tests/reliability_fit.py --model DIR --root DIR --records FILE [--resume last|PATH] [--tag A]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from lit_entropy.data import CountdownDataModule  # noqa: E402
+from lit_entropy.model import LoRA, Policy  # noqa: E402
+from lit_entropy.module import GRPO  # noqa: E402
+from lit_entropy.rewards import Reward  # noqa: E402
+from lit_entropy.rollout import Sampling  # noqa: E402
+
+ITERATIONS = 6
+UPDATES = 4  # ppo_epochs 2 x (N = 8 sequences / minibatch_size 4)
+ITERATIONS_PER_EPOCH = 4  # 8 prompts / batch_size 2
+#: Logged values that depend on wall time, not on the computation.
+TIMING_KEYS = {"train/tokens_per_sec"}
+
+
+def char_code_reward(completion: str, example: dict, sleep: float = 0.0) -> float:
+    """Mean character code / 128 (differs between random completions); ``sleep`` slows the iteration down."""
+    if sleep:
+        time.sleep(sleep)
+    return sum(map(ord, completion)) / (128.0 * max(len(completion), 1))
+
+
+def lora_weights(module: GRPO) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, detached copies."""
+    return {name: p.detach().clone() for name, p in module.policy.named_parameters() if p.requires_grad}
+
+
+class Record(Callback):
+    """Appends a ``start`` line when training starts and one line per RL iteration to a JSON-lines file."""
+
+    def __init__(self, path: str | Path, tag: str) -> None:
+        self.path = Path(path)
+        self.tag = tag
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"tag": self.tag, "pid": os.getpid(), **row}) + "\n")
+            handle.flush()
+
+    def on_train_start(self, trainer: Trainer, pl_module: GRPO) -> None:
+        self._append({"event": "start", "global_step": trainer.global_step})
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: GRPO, outputs, batch, batch_idx: int) -> None:
+        weights = lora_weights(pl_module).values()
+        stats = {
+            key: float(value)
+            for key, value in outputs.items()
+            if torch.as_tensor(value).numel() == 1 and key not in TIMING_KEYS
+        }
+        self._append(
+            {
+                "event": "iteration",
+                "iteration": trainer.fit_loop.total_batch_idx,
+                "global_step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "prompts": [row["prompt"] for row in batch],
+                "weights_sum": sum(float(w.double().sum()) for w in weights),
+                "stats": stats,
+            }
+        )
+
+
+def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
+    """Make every fsspec local file write name its target in ``marker``, write half, sleep ``delay``, then the rest.
+
+    Lightning's ``_atomic_save`` writes a checkpoint with one ``write`` of the whole buffer, so this holds every
+    checkpoint write open, half written, long enough for a test to kill the process in the middle of it.
+    """
+    from fsspec.implementations.local import LocalFileOpener
+
+    original = LocalFileOpener.write
+
+    def write(self: LocalFileOpener, data: bytes, *args: Any, **kwargs: Any) -> int:
+        half = len(data) // 2
+        original(self, data[:half])
+        self.f.flush()
+        with open(marker, "a") as handle:
+            handle.write(f"{self.path}\n")
+        time.sleep(delay)
+        return half + original(self, data[half:])
+
+    LocalFileOpener.write = write  # type: ignore[method-assign]
+
+
+def run_fit(
+    model_dir: str | Path,
+    root: str | Path,
+    records: str | Path,
+    tag: str = "run",
+    resume: str | None = None,
+    every: int = UPDATES,
+    save_last: bool = True,
+    reward_sleep: float = 0.0,
+) -> tuple[Trainer, GRPO]:
+    """Fit (or resume) the run; checkpoints go to ``<root>/checkpoints``. Same numbers in any process."""
+    seed_everything(0)
+    module = GRPO(
+        policy=Policy(path=str(model_dir), lora=LoRA(r=4, alpha=8)),
+        rewards=[Reward(fn=f"{__name__}.char_code_reward", kwargs={"sleep": reward_sleep})],
+        sampling=Sampling(group_size=4, max_new_tokens=8, temperature=1.0),
+        ppo_epochs=2,
+        minibatch_size=4,
+        learning_rate=5e-2,
+        val_num_samples=0,
+        adapter_dir=str(Path(root) / f"adapter-{tag}"),
+        seed=0,
+    )
+    data = CountdownDataModule(
+        batch_size=2, num_train=2 * ITERATIONS_PER_EPOCH, num_val=0, seed=0, shuffle=True
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=str(Path(root) / "checkpoints"), every_n_train_steps=every, save_top_k=-1, save_last=save_last
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=ITERATIONS * UPDATES,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Record(records, tag), checkpoint],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    return trainer, module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--records", required=True)
+    parser.add_argument("--tag", default="run")
+    parser.add_argument("--resume", default=None, help="'last' or a checkpoint path")
+    parser.add_argument(
+        "--every", type=int, default=UPDATES, help="checkpoint every this many optimizer steps"
+    )
+    parser.add_argument("--no-save-last", action="store_true", help="no last.ckpt from ModelCheckpoint")
+    parser.add_argument("--reward-sleep", type=float, default=0.0, help="seconds per reward call")
+    parser.add_argument("--slow-write", type=float, default=0.0, help="hold each checkpoint write half-done")
+    parser.add_argument("--write-marker", default=None, help="file naming each checkpoint write as it starts")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.slow_write:
+        slow_checkpoint_writes(args.slow_write, args.write_marker)
+    _, module = run_fit(
+        args.model,
+        args.root,
+        args.records,
+        tag=args.tag,
+        resume=args.resume,
+        every=args.every,
+        save_last=not args.no_save_last,
+        reward_sleep=args.reward_sleep,
+    )
+    torch.save(lora_weights(module), Path(args.root) / f"final-{args.tag}.pt")
+
+
+if __name__ == "__main__":
+    main()
