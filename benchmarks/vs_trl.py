@@ -254,6 +254,7 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
             val_num_samples=0,
             adapter_dir=os.path.join(folder, "adapter"),
             seed=args.seed,
+            sampler_logprobs=args.sampler_logprobs,
         )
         trainer = Trainer(
             accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -418,6 +419,8 @@ def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]
         value = getattr(args, name)
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]
+    if args.sampler_logprobs:
+        command.append("--sampler-logprobs")
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(args.threads)
@@ -488,7 +491,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
         )
     print(
         "Not identical: TRL 'dapo' normalises each mini-batch by the rollout's mean tokens per mini-batch (ours: "
-        "its own count); TRL's fused chunked LM head vs our sliced logits; both sample, so completion lengths "
+        "its own count); TRL's logits vs our chunked head; both sample, so completion lengths "
         "differ (compare s / 1k tokens too). Top-k is off on both sides."
     )
 
@@ -522,6 +525,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output")
+    parser.add_argument(
+        "--sampler-logprobs",
+        action="store_true",
+        help="ours: old log-probs recorded during generation (GRPO(sampler_logprobs=True)), no second pass",
+    )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
