@@ -228,3 +228,24 @@ def test_fit_outputs_follow_default_root_dir_not_the_working_directory(tiny_conf
     assert cli.trainer.global_step == 2
     assert list(cwd.iterdir()) == []
     assert list(root.rglob("metrics.csv")) and list(root.rglob("config.yaml"))
+
+
+def test_ckpt_path_last_resumes_the_previous_run_from_another_logger_version(tiny_config, tmp_path):
+    root = tmp_path / "root"
+    first = LitEntropyCLI(args=["fit", "--config", str(tiny_config), f"--trainer.default_root_dir={root}"])
+    assert first.trainer.global_step == 2
+    saved = list(root.rglob("last.ckpt"))  # the CLI's default ModelCheckpoint keeps a last.ckpt
+    assert len(saved) == 1 and "version_0" in str(saved[0])
+    resumed = LitEntropyCLI(
+        args=[
+            "fit",
+            "--config",
+            str(tiny_config),
+            f"--trainer.default_root_dir={root}",
+            "--trainer.max_steps=3",
+            "--ckpt_path=last",
+        ]
+    )
+    # Lightning alone would look in version_1 (empty), warn and start over (ckpt_path None)
+    assert resumed.trainer.ckpt_path == str(saved[0])
+    assert resumed.trainer.global_step == 3
