@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lit_entropy.countdown import generate_countdown_examples
-from lit_entropy.errors import ConfigError, DataError
+from lit_entropy.errors import ConfigError, DataError, one_line
 
 __all__ = ["CountdownDataModule", "PromptDataModule", "load_prompt_rows", "load_prompt_rows_with_sources"]
 
@@ -157,8 +157,9 @@ def _read_file(path: str) -> list[Row]:
         where = _locate_json_problem(path, extension) if builder == "json" else None
         if where is not None:
             raise DataError(f"{path}: cannot be read as {builder}: {where}") from exc
-        reason = " ".join(str(exc).split())
-        raise DataError(f"{path}: cannot be read as {builder}: {type(exc).__name__}: {reason}") from exc
+        raise DataError(
+            f"{path}: cannot be read as {builder}: {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
     if len(dataset) == 0:
         raise DataError(f"{path}: file has no rows")
     return dataset.to_list()
@@ -302,13 +303,8 @@ class PromptDataModule(LightningDataModule):
     def _load(self, files: str | Sequence[str]) -> tuple[list[Row], list[str]]:
         return load_prompt_rows_with_sources(files, self.prompt_field, self.answer_field)
 
-    def _split_off_validation(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        """Holds out ``val_fraction`` of ``rows``; both parts keep the file order."""
-        train_indices, val_indices = self._validation_split(rows)
-        return [rows[i] for i in train_indices], [rows[i] for i in val_indices]
-
     def _validation_split(self, rows: list[Row]) -> tuple[list[int], list[int]]:
-        """Indices of the training and held-out rows, each in file order."""
+        """Indices of the training rows and of the ``val_fraction`` held out, each in file order."""
         num_val = max(1, math.floor(len(rows) * self.val_fraction))
         if num_val >= len(rows):
             raise DataError(

@@ -15,3 +15,11 @@ class DataError(LitEntropyError, ValueError):
 
 class ModelLoadError(LitEntropyError, FileNotFoundError):
     """A model or tokenizer folder is missing or unusable."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error``'s message with every run of whitespace (newlines included) collapsed to one space.
+
+    Library messages (transformers, datasets) span lines; the CLI prints each error as one line.
+    """
+    return " ".join(str(error).split())

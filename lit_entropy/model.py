@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_entropy.embedded import EmbeddedModel
-from lit_entropy.errors import ConfigError, ModelLoadError
+from lit_entropy.errors import ConfigError, ModelLoadError, one_line
 from lit_entropy.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -200,10 +200,6 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> None:
     )
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
 def _check_choice(name: str, value: object, choices: object) -> None:
     """Raise ConfigError naming ``name`` when ``value`` is not one of the ``Literal`` ``choices``."""
     allowed = get_args(choices)
@@ -273,7 +269,7 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(policy.path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
-            f"policy.path: could not load the model in '{policy.path}': {_one_line(err)}"
+            f"policy.path: could not load the model in '{policy.path}': {one_line(err)}"
         ) from err
     if device is not None and not quantized:
         model = model.to(device)

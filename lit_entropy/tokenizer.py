@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lit_entropy.errors import ModelLoadError
+from lit_entropy.errors import ModelLoadError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        reason = " ".join(str(err).split())  # transformers' messages span lines; the CLI prints one
-        raise ModelLoadError(f"could not load the tokenizer in '{path}': {reason}") from err
+        raise ModelLoadError(f"could not load the tokenizer in '{path}': {one_line(err)}") from err
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
