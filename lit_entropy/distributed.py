@@ -9,11 +9,14 @@ process holding the concatenated batch. All functions are no-ops in a single pro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 from lit_entropy.errors import ConfigError
@@ -137,13 +140,7 @@ def shard_policy(model: nn.Module, mesh: object, param_dtype: torch.dtype | None
     return len(layers)
 
 
-def _model_parallel_strategy() -> type:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
-
-
-class FSDP2(_model_parallel_strategy()):  # type: ignore[misc]
+class FSDP2(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` for data-parallel FSDP2 training of a LoRA policy.
 
     ``trainer.strategy: {class_path: lit_entropy.distributed.FSDP2, init_args: {data_parallel_size: N}}``.
@@ -165,16 +162,14 @@ class FSDP2(_model_parallel_strategy()):  # type: ignore[misc]
         data_parallel_size: int | str = "auto",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
-        timeout: Any = None,
+        timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
-            timeout=timeout if timeout is not None else default_pg_timeout,
+            timeout=timeout,
         )
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

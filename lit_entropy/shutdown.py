@@ -11,7 +11,6 @@ write one: the state would be half an iteration, and the last periodic checkpoin
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -47,6 +46,3 @@ class CheckpointOnSigterm(Callback):
         trainer.save_checkpoint(path)  # every rank takes part (sharded checkpoints); the write is atomic
         self.saved_path = path
         rank_zero_info(f"lit_entropy: SIGTERM: checkpoint saved to {path}; resume with --ckpt_path last")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}

@@ -353,7 +353,7 @@ def small_fit(
 ) -> tuple[Trainer, GRPO]:
     """``iterations`` RL iterations of 2 prompts x 4 completions, 4 updates each (2 epochs x 2 mini-batches).
 
-    The run is bounded by batches, not optimizer steps: a skipped update does not advance ``global_step``.
+    The run is bounded by batches, not optimizer steps, so it does not depend on how skipped updates count.
     """
     seed_everything(0)
     kwargs: dict[str, Any] = {
