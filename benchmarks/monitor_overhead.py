@@ -23,26 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from timing import IterationTimer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from lit_entropy import GRPO, CountdownDataModule, EmbeddedModel, LoRA, Policy, Reward, Sampling  # noqa: E402
 from lit_entropy.callbacks.entropy_monitor import EntropyMonitor  # noqa: E402
-
-
-class IterationTimer(Callback):
-    """Wall seconds of every RL iteration: training_step and the callbacks' hooks listed before this one."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._started = 0.0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
 
 
 class TimedMonitor(EntropyMonitor):

@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +29,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from timing import IterationTimer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from lit_entropy import GRPO, CountdownDataModule, EmbeddedModel, LoRA, Policy, Reward, Sampling  # noqa: E402
 
@@ -39,22 +39,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sampler_logprobs": {"sampler_logprobs": True},
     "logits_head": {"fused_head": False},
 }
-
-
-class IterationTimer(Callback):
-    """Wall seconds of every RL iteration (training_step and the hooks before this callback)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._started = 0.0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
 
 
 def fit(args: argparse.Namespace, options: dict[str, Any], folder: str) -> list[float]:
