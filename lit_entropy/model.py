@@ -14,22 +14,23 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError, ModelLoadError, one_line
+from lit_entropy.quantization import (
+    DType,
+    Quantization,
+    QuantType,
+    bits_and_bytes_config,
+    keep_cpu_weights_unpacked,
+)
 from lit_entropy.tokenizer import load_tokenizer
 
-if TYPE_CHECKING:
-    from transformers import BitsAndBytesConfig
-
 log = logging.getLogger(__name__)
-
-DType = Literal["float32", "bfloat16", "float16"]
-QuantType = Literal["nf4", "fp4"]
 
 
 @dataclass
@@ -47,21 +48,6 @@ class LoRA:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
-
-
-@dataclass
-class Quantization:
-    """4-bit weights through transformers' ``BitsAndBytesConfig`` (needs ``lit-entropy[4bit]``).
-
-    Attributes:
-        quant_type: 4-bit data type: ``"nf4"`` (normal float) or ``"fp4"``.
-        double_quant: Also quantize the per-block scales (saves about 0.4 bit per weight).
-        compute_dtype: Dtype the 4-bit weights are dequantized to for matrix products.
-    """
-
-    quant_type: QuantType = "nf4"
-    double_quant: bool = True
-    compute_dtype: DType = "bfloat16"
 
 
 @dataclass
@@ -207,22 +193,6 @@ def _check_choice(name: str, value: object, choices: object) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-def _bits_and_bytes_config(quantization: Quantization) -> BitsAndBytesConfig:
-    """Build transformers' ``BitsAndBytesConfig``; bitsandbytes is imported only here."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ConfigError("policy.quantization needs bitsandbytes: pip install 'lit-entropy[4bit]'") from err
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantization.quant_type,
-        bnb_4bit_use_double_quant=quantization.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
-    )
-
-
 def load_policy(
     policy: Policy, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -262,7 +232,7 @@ def load_policy(
     kwargs: dict = {"dtype": getattr(torch, policy.dtype), "trust_remote_code": policy.trust_remote_code}
     quantized = policy.quantization is not None
     if policy.quantization is not None:
-        kwargs["quantization_config"] = _bits_and_bytes_config(policy.quantization)
+        kwargs["quantization_config"] = bits_and_bytes_config(policy.quantization)
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device_map"] = {"": torch.device(device)}
     try:
@@ -273,6 +243,8 @@ def load_policy(
         ) from err
     if device is not None and not quantized:
         model = model.to(device)
+    if quantized:
+        keep_cpu_weights_unpacked(model)
 
     # Reentrant checkpointing returns no gradient through a block whose inputs do not require grad (the
     # frozen embeddings under LoRA); non-reentrant checkpointing has no such trap.
