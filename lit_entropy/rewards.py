@@ -9,7 +9,7 @@ path with a weight, e.g.::
         weight: 0.1
 
 Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
-``lit_entropy.rewards.answer_format``, ``lit_entropy.countdown.countdown_reward`` and
+``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``, ``lit_entropy.countdown.countdown_reward`` and
 ``lit_entropy.countdown.countdown_format_reward``.
 
 Timeouts: ``timeout: 5.0`` on a reward (seconds, per completion) runs that function's calls in a worker thread
@@ -54,7 +54,9 @@ __all__ = [
     "RewardTimeoutError",
     "answer_format",
     "exact_match",
+    "extract_last_number",
     "extract_numeric_answer",
+    "last_number_match",
     "numeric_match",
 ]
 
@@ -69,6 +71,12 @@ _BOXED = "\\boxed{"
 # Plain decimal numbers only: float() would also accept "nan", "inf" and "1_000".
 _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NUMERIC_TOLERANCE = 1e-6
+# A number as instruct models write one in prose: "12", "-3", "12.0", "1,200" (comma thousands groups). The
+# minus is a sign only where it does not follow a word character or a closing bracket ("7-5" is 7 and 5, not
+# -5); the lookarounds keep "x2"-style identifiers and the digits of "1,2345" from counting as numbers.
+_PROSE_NUMBER_RE = re.compile(
+    r"(?<![\w.,])(?:(?<![\w)\]])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?![\w,]*[0-9])"
+)
 
 
 def _clean_answer(text: str) -> str:
@@ -116,6 +124,27 @@ def extract_numeric_answer(text: str) -> str | None:
     return max(candidates)[1]
 
 
+def extract_last_number(text: str) -> str | None:
+    """Extracts the last plain number of a completion, the way chat models end an answer.
+
+    Reads ``"7 + 5 = 12."``, ``"The answer is **12**"``, ``"12.0"``, ``"-3"`` and ``"1,200"``. A GSM8K
+    ``#### x`` or ``\\boxed{x}`` answer, when present, wins over any number after it (see
+    :func:`extract_numeric_answer`).
+
+    Args:
+        text: A completion.
+
+    Returns:
+        The number as text without thousands commas (``"1200"`` for ``"1,200"``; a sentence-final period is
+        never part of it), or ``None`` when ``text`` holds no number made of ASCII digits.
+    """
+    marked = extract_numeric_answer(text)
+    if marked is not None:
+        return marked
+    matches = _PROSE_NUMBER_RE.findall(text)
+    return matches[-1].replace(",", "") if matches else None
+
+
 def _reference_answer(answer: Any) -> str:
     # The answer field is either a full solution ("... #### 72", "... \boxed{72}") or a bare value.
     text = str(answer)
@@ -148,6 +177,24 @@ def numeric_match(completion: str, example: Mapping[str, Any]) -> float:
         has no marked answer.
     """
     predicted = extract_numeric_answer(completion)
+    if predicted is None:
+        return 0.0
+    return 1.0 if _answers_equal(predicted, _reference_answer(example["answer"])) else 0.0
+
+
+def last_number_match(completion: str, example: Mapping[str, Any]) -> float:
+    """Rewards a completion whose last number equals the reference answer (for short chat answers).
+
+    Args:
+        completion: Generated text; its answer is taken by :func:`extract_last_number`.
+        example: Dataset row whose ``"answer"`` is a number, a string of one, or a ``#### x`` solution.
+
+    Returns:
+        1.0 if the last number equals the answer within 1e-6 (``"12.0"`` and ``"= 12."`` match ``12``),
+        0.0 when it differs or the completion has no number. Only the last number counts, so
+        ``"12, or maybe 13"`` scores 0.0 against 12.
+    """
+    predicted = extract_last_number(completion)
     if predicted is None:
         return 0.0
     return 1.0 if _answers_equal(predicted, _reference_answer(example["answer"])) else 0.0

@@ -16,7 +16,9 @@ from lit_entropy.rewards import (
     RewardScorer,
     answer_format,
     exact_match,
+    extract_last_number,
     extract_numeric_answer,
+    last_number_match,
     numeric_match,
 )
 
@@ -105,6 +107,53 @@ def test_exact_match() -> None:
 )
 def test_numeric_match(completion: str, answer: Any, expected: float) -> None:
     assert numeric_match(completion, {"answer": answer}) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7 + 5 = 12.", "12"),  # the sentence-final period is not a decimal point
+        ("The answer is **12**", "12"),
+        ("12.0", "12.0"),
+        ("It is -3.", "-3"),
+        ("= -12.5!", "-12.5"),
+        ("That makes 1,200 apples.", "1200"),
+        ("12,000.50", "12000.50"),
+        ("3, 4, 5", "5"),  # a list: commas followed by a space are not thousands separators
+        ("7-5", "5"),  # a minus after a digit is an operator, not a sign
+        ("a-2", "2"),
+        ("#### 72\nChecked in 3 steps", "72"),  # a marked answer wins over later numbers
+        ("\\boxed{12} because 3", "12"),
+        ("x2", None),  # part of an identifier
+        ("1,2345", None),  # not a thousands group, and "2345" glued to a comma is not a number either
+        ("no number here", None),
+        ("", None),
+        ("\u0661\u0662", None),  # Arabic-Indic digits are not ASCII digits
+    ],
+)
+def test_extract_last_number(text: str, expected: str | None) -> None:
+    assert extract_last_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("7 + 5 = 12.", 12, 1.0),
+        ("The answer is **12**", "12", 1.0),
+        ("12.0", 12, 1.0),
+        ("1,200", 1200, 1.0),
+        ("10 - 13 = -3", -3, 1.0),
+        (" 25\n", "#### 25", 1.0),  # a GSM8K-style reference answer is read too
+        ("12, or maybe 13", 12, 0.0),  # only the last number counts
+        ("7 + 5 = 13.", 12, 0.0),
+        ("3", -3, 0.0),  # the sign matters
+        ("12.5", 12, 0.0),
+        ("The sum of 7 and 5 is", 12, 0.0),  # the last number (5) is not the answer
+        ("twelve", 12, 0.0),  # no digits, nothing to read
+    ],
+)
+def test_last_number_match(completion: str, answer: Any, expected: float) -> None:
+    assert last_number_match(completion, {"answer": answer}) == expected
 
 
 def test_answer_format() -> None:
