@@ -192,7 +192,8 @@ def _project_error(error: BaseException) -> LitEntropyError | None:
 def main(args: Any = None) -> None:
     """Entry point; errors of the project's own checks print as one line (``lit-entropy: error: ...``).
 
-    ``lit-entropy report RUN_DIR...`` goes to `lit_entropy.report` (plain argparse, not a LightningCLI subcommand).
+    ``lit-entropy report RUN_DIR...`` goes to `lit_entropy.report` and ``lit-entropy prepare-model ...`` to
+    `lit_entropy.pretrained` (plain argparse, not LightningCLI subcommands).
     """
     argv = sys.argv[1:] if args is None else args
     try:
@@ -200,6 +201,11 @@ def main(args: Any = None) -> None:
             from lit_entropy.report import main as report_main
 
             report_main(list(argv[1:]))
+            return
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["prepare-model"]:
+            from lit_entropy.pretrained import main as prepare_main
+
+            prepare_main(list(argv[1:]))
             return
         check_config_files(argv)
         LitEntropyCLI(args=args)

@@ -55,7 +55,8 @@ class Policy:
     """Where the policy comes from and how it is trained.
 
     Attributes:
-        path: Local folder with ``config.json``, the weights and the tokenizer files.
+        path: Local folder with ``config.json``, the weights and the tokenizer files, or a ``.gguf`` file
+            (config, tokenizer and weights in one file, dequantized while loading; needs ``lit-entropy[gguf]``).
         tokenizer_path: Folder of the tokenizer; default: ``path``.
         dtype: Dtype of the weights that are not quantized.
         quantization: Load the base weights in 4 bits; requires ``lora``.
@@ -91,10 +92,29 @@ class Policy:
                 "policy.path is required: a local folder with config.json, the weights and tokenizer files "
                 "(or policy.embedded for the built-in tiny model)"
             )
+        elif Path(self.path).suffix == ".gguf":
+            if not Path(self.path).is_file():
+                raise ModelLoadError(f"policy.path: GGUF file '{self.path}' does not exist")
+            if self.quantization is not None:
+                raise ConfigError(
+                    "policy.quantization cannot re-quantize a GGUF file while loading it; convert it to a model "
+                    f"folder first (lit-entropy prepare-model --gguf {self.path} --output DIR) and set policy.path "
+                    "to that folder"
+                )
         else:
             folder = Path(self.path)
+            if folder.is_file():
+                raise ModelLoadError(
+                    f"policy.path: '{self.path}' is a file; expected a model folder (config.json, weights, "
+                    "tokenizer) or a .gguf file"
+                )
             if not folder.is_dir():
-                raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist")
+                hint = ""
+                from lit_entropy.pretrained import MODELS
+
+                if folder.name in MODELS:
+                    hint = f"; prepare it with: lit-entropy prepare-model {folder.name} --dir {folder.parent}"
+                raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist{hint}")
             if not (folder / "config.json").is_file():
                 raise ModelLoadError(f"policy.path: model folder '{self.path}' has no config.json")
             _check_model_config(folder, self.trust_remote_code)
@@ -193,6 +213,15 @@ def _check_choice(name: str, value: object, choices: object) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            "policy.path is a GGUF file, which needs the gguf package: pip install 'lit-entropy[gguf]'"
+        ) from err
+
+
 def load_policy(
     policy: Policy, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -225,18 +254,27 @@ def load_policy(
             policy.path,
             f" and '{policy.tokenizer_path}'" if policy.tokenizer_path else "",
         )
-    tokenizer = load_tokenizer(
-        policy.tokenizer_path or policy.path, trust_remote_code=policy.trust_remote_code
-    )
+    # A GGUF file carries its own tokenizer and config; transformers reads both from the file's folder.
+    gguf = Path(policy.path) if Path(policy.path).suffix == ".gguf" else None
+    model_source = str(gguf.parent) if gguf is not None else policy.path
+    if policy.tokenizer_path is None and gguf is not None:
+        tokenizer = load_tokenizer(model_source, trust_remote_code=False, gguf_file=gguf.name)
+    else:
+        tokenizer = load_tokenizer(
+            policy.tokenizer_path or policy.path, trust_remote_code=policy.trust_remote_code
+        )
 
     kwargs: dict = {"dtype": getattr(torch, policy.dtype), "trust_remote_code": policy.trust_remote_code}
     quantized = policy.quantization is not None
+    if gguf is not None:
+        _require_gguf()
+        kwargs["gguf_file"] = gguf.name  # dequantized to ``policy.dtype`` while loading
     if policy.quantization is not None:
         kwargs["quantization_config"] = bits_and_bytes_config(policy.quantization)
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device_map"] = {"": torch.device(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(policy.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"policy.path: could not load the model in '{policy.path}': {one_line(err)}"

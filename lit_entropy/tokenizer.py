@@ -82,7 +82,9 @@ def _read_tokenizer_class(folder: Path) -> str | None:
     return tokenizer_class if isinstance(tokenizer_class, str) else None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder, padding on the left.
 
     A folder whose ``tokenizer_config.json`` names ``PreTrainedTokenizerFast`` (or ``TokenizersBackend``),
@@ -93,6 +95,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     Args:
         path: Local folder with the tokenizer files.
         trust_remote_code: Passed to ``AutoTokenizer`` for tokenizers that ship their own code.
+        gguf_file: Name of a GGUF file in ``path`` whose embedded tokenizer to load instead of tokenizer files.
 
     Returns:
         The tokenizer with ``padding_side="left"`` (generation appends on the right) and a pad token; a
@@ -105,7 +108,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"tokenizer folder '{path}' does not exist")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if gguf_file is not None:
+        if not (folder / gguf_file).is_file():
+            raise ModelLoadError(f"GGUF file '{folder / gguf_file}' does not exist")
+    elif not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"tokenizer folder '{path}' has no tokenizer files "
             f"(expected one of {', '.join(_TOKENIZER_FILES)})"
@@ -116,7 +122,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         tokenizer_class is None and (folder / "tokenizer.json").is_file()
     )
     try:
-        if plain_fast:
+        if gguf_file is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+        elif plain_fast:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
