@@ -1,5 +1,6 @@
 """lit_entropy: PyTorch Lightning RL fine-tuning of language models that keeps the policy's entropy alive."""
 
+from lit_entropy.arithmetic import ArithmeticDataModule
 from lit_entropy.data import CountdownDataModule, PromptDataModule
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError, DataError, LitEntropyError, ModelLoadError
@@ -17,6 +18,7 @@ __all__ = [
     "GRPO",
     "SFT",
     "Adjustment",
+    "ArithmeticDataModule",
     "ConfigError",
     "CountdownDataModule",
     "DataError",
