@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -290,11 +291,15 @@ def load_policy(
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=policy.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
+        # peft calls transformers' `is_gradient_checkpointing`, deprecated in transformers 5 (a FutureWarning
+        # about peft's code, not the user's).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=policy.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing_kwargs,
+            )
     elif policy.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # newer transformers renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
