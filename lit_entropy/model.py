@@ -291,15 +291,11 @@ def load_policy(
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # peft calls transformers' `is_gradient_checkpointing`, deprecated in transformers 5 (a FutureWarning
-        # about peft's code, not the user's).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=policy.gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs,
-            )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=policy.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
     elif policy.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # newer transformers renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
@@ -321,7 +317,11 @@ def load_policy(
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
         )
-        model = get_peft_model(model, config)
+        # peft calls transformers' `is_gradient_checkpointing`, deprecated in transformers 5: a FutureWarning
+        # about peft's code that the user cannot act on.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, config)
     else:
         model.requires_grad_(True)
 
