@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from lit_entropy.errors import ConfigError, ModelLoadError, one_line
 
@@ -245,9 +246,20 @@ def gguf_file_of(name: str, directory: str | os.PathLike = DEFAULT_DIR) -> Path:
     return Path(directory) / Path(MODELS[name].gguf_member).name
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors print as the project's other errors do: one line, ``lit-entropy: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(
+            f"lit-entropy: error: prepare-model: {message} (see lit-entropy prepare-model --help)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def main(argv: list[str]) -> None:
     """``lit-entropy prepare-model``: prepare a known model, or convert a GGUF file; print the folder's path."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="lit-entropy prepare-model",
         description="Prepare a pretrained model as a local folder for policy.path, offline from the hub.",
     )

