@@ -1,8 +1,10 @@
 """lit_entropy's `GRPO` against TRL's `GRPOTrainer`: one RL iteration of each, configured alike, side by side.
 
-Both sides train the embedded default model (recipes/embedded/grpo.yaml: the tiny Qwen2-style countdown model,
-built once in ``--cache`` by `prepare_embedded_model`) through LoRA, on the same countdown prompts in the same
-order, with the same reward function, and report wall seconds per RL iteration and peak memory.
+Both sides train the same model through the same LoRA adapters, on the same countdown prompts in the same order,
+with the same reward function, and report wall seconds per RL iteration and peak memory. The model is the
+embedded default (recipes/embedded/grpo.yaml: the tiny Qwen2-style countdown model, built once in ``--cache`` by
+`prepare_embedded_model`), or any local Hugging Face folder with ``--model-path`` (e.g. SmolLM2-135M-Instruct;
+the prompts are then rendered with its chat template, by `render_prompt` on both sides).
 
 One RL iteration = sampling ``G`` completions for each of ``B`` prompts (``N = B*G``), scoring them, group
 advantages, then every optimizer update made on that rollout (``ppo_epochs * N / minibatch`` updates). What is
@@ -37,32 +39,53 @@ Configuration mapping (ours -> TRL ``GRPOConfig``); ``N = B*G``, ``m`` mini-batc
       defaults: weight decay 0.01), no        lr_scheduler_type = "constant", warmup 0
       scheduler
     max_grad_norm 1.0                         max_grad_norm = 1.0
-    LoRA r 16, alpha 32, dropout 0,           peft_config = LoraConfig(CAUSAL_LM, r=16, lora_alpha=32,
-      all-linear                                lora_dropout=0, target_modules="all-linear")
+    LoRA(r, alpha, dropout 0, targets)        peft_config = LoraConfig(CAUSAL_LM, r, lora_alpha=alpha,
+      --lora-r / --lora-alpha /                 lora_dropout=0, target_modules=targets)
+      --lora-targets (default 16, 32,
+      all-linear; e.g. 8, 16, q_proj v_proj)
     policy fp32, no gradient checkpointing    model_init_kwargs dtype float32, bf16 = False,
                                               gradient_checkpointing = False (TRL's default is True)
     CountdownDataModule(shuffle=False)        shuffle_dataset = False (so both see the same prompts in order)
     tokenizer: load_tokenizer(folder)         processing_class = that same PreTrainedTokenizerFast instance
                                               (AutoTokenizer would build a Qwen2 tokenizer from config.json)
-    prompts: render_prompt (no chat           the rendered strings (plain-text prompts: TRL tokenizes them
-      template on the char tokenizer)           as they are)
+    prompts: render_prompt (the chat          the rendered strings (plain-text prompts: TRL tokenizes them
+      template when the tokenizer has one,      as they are, so it does not apply the template a second
+      as GRPO(chat_template=None) does)         time; SmolLM2's tokenizer adds no BOS to them)
     reward countdown_reward (RewardScorer)    a TRL-signature wrapper around the same RewardScorer
     no validation / checkpoint / logger       eval/save/logging strategy "no", report_to "none",
                                               dataloader_num_workers 0, use_cpu on CPU
 
-Not identical (none should matter for speed): TRL's ``dapo`` divides each mini-batch's token-loss sum by the
-rollout's mean kept tokens per mini-batch, ours (``token-mean``) by that mini-batch's own kept tokens (equal in
-expectation); TRL computes log-probs from its model's logits of the completion positions while ours projects the
-final hidden states chunk by chunk (`lit_entropy.head`); rollouts are shuffled into micro-batches once per rollout by TRL (reused by every epoch) and once per
-epoch by ours; both sample, so completion lengths differ between the sides: the mean completion length and the
-seconds per 1k completion tokens are printed too.
+Not identical, without bearing on speed: TRL's ``dapo`` divides each mini-batch's token-loss sum by the rollout's
+mean kept tokens per mini-batch, ours (``token-mean``) by that mini-batch's own kept tokens (equal in
+expectation); rollouts are shuffled into micro-batches once per rollout by TRL (reused by every epoch) and once
+per epoch by ours; TRL's training forward passes no position ids; both sample, so completion lengths differ
+between the sides: the mean completion length and the seconds per 1k completion tokens are printed too.
+
+Different work, which is what is compared: TRL (1.16) computes log-probs and entropy with its own chunked head
+(``trl.kernels.ChunkedLogProbFunction``: vocabulary tiles of 32,768, recomputed in the backward), which on a
+device without Triton (CPU) projects every position of the sequences, prompt included; ours projects the
+completion positions only and keeps per-row gradient directions (`lit_entropy.head`). Our generation prefills
+each distinct prompt once and repeats its KV cache for its ``G`` completions, TRL's prefills all ``N`` copies
+(``--no-share-prompts`` makes ours do the same).
 
 Memory: each side runs in a fresh subprocess (one at a time, never concurrently). ``RSS at start`` is taken when
-training starts (model, LoRA and optimizer built; Lightning ``on_train_start``, TRL ``on_train_begin``); the peak
-RSS of the iterations is then tracked by resetting the kernel's high-water mark (``/proc/self/clear_refs``) at
-that point (elsewhere: ``ru_maxrss`` since process start). Printed: peak minus start (the iterations' working
-memory) and the absolute peak (imports and load included). On CUDA: ``torch.cuda.max_memory_allocated`` after a
-reset at the same point.
+training starts (model, LoRA and optimizer built; Lightning ``on_train_start``, TRL ``on_train_begin``), after
+every parameter and buffer of the model has been read once (`_touch`: transformers maps fp32 safetensors into
+memory, and weights not yet touched would otherwise be paged in during the first iteration and counted as its
+working memory); the peak RSS of the iterations is then tracked with the kernel's high-water mark, read and reset
+(``/proc/self/clear_refs``) at every phase boundary (elsewhere: ``ru_maxrss`` since process start). Printed: peak
+minus start (the iterations' working memory) and the absolute peak (imports and load included). On CUDA:
+``torch.cuda.max_memory_allocated`` after a reset at the same point.
+
+Phases: wrappers around each side's own functions (ours: ``GRPO.generate``, the reward scorer,
+``_logprobs_no_grad``, ``sequence_logprobs`` with grad, ``manual_backward``, ``_step``; TRL: ``_generate``,
+``_calculate_rewards``, ``_get_per_token_logps_and_entropies`` without / with grad, ``accelerator.backward``, the
+``on_pre_optimizer_step`` -> ``on_optimizer_step`` callbacks) attribute each segment's peak RSS and wall seconds
+to generation, rewards, old log-probs, training forward, backward, optimizer or other; a second table prints them.
+glibc keeps freed heap memory, so after the first iteration the RSS stays near its first peak; to see the live
+memory of each phase, run with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``: every allocation of 64
+KiB or more is then mapped and unmapped on its own; its seconds are not comparable). The ``glibc malloc
+environment`` of the run is printed.
 
 Each subprocess runs 1 warm-up iteration (not timed) then ``--iterations`` timed ones, with the same torch seed
 and ``--threads`` torch threads; the sides alternate for ``--rounds`` rounds (order flipped every round) and
@@ -70,11 +93,19 @@ medians over every timed iteration are printed. Usage (CPU; the first run also b
 
     .venv/bin/python benchmarks/vs_trl.py [--iterations 5] [--rounds 2] [--threads N] [--cache .cache/lit_entropy]
     .venv/bin/python benchmarks/vs_trl.py --iterations 1 --rounds 1 --prompts 4 --group 4   # quick check
+
+SmolLM2-135M-Instruct (a local folder), B = 8 x G = 8, 16 new tokens, LoRA r = 8 on q_proj / v_proj, one update
+per rollout (docs/performance.md, section 5):
+
+    .venv/bin/python benchmarks/vs_trl.py --model-path .cache/models/SmolLM2-135M-Instruct --lora-r 8 \
+        --lora-alpha 16 --lora-targets q_proj v_proj --prompts 8 --group 8 --max-new-tokens 16 --minibatch 64 \
+        --threads 1 --iterations 2 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -82,6 +113,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +122,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULT_PREFIX = "VS_TRL_RESULT "
 SIDES = ("lit_entropy", "trl")
+PHASES = ("generation", "rewards", "old log-probs", "train forward", "backward", "optimizer", "other")
 REWARD_FN = "lit_entropy.countdown.countdown_reward"
 # our Sampling(top_k=None) turns top-k off (generate_rollout passes top_k=0); so does TRL's top_k=0
 TRL_TOP_K = 0
@@ -99,7 +132,14 @@ TRL_TOP_K = 0
 
 
 class MemoryProbe:
-    """RSS (and CUDA memory) at the start of training and the peak over the iterations after it."""
+    """RSS (and CUDA memory) at the start of training, the peak over the iterations after it, and per phase.
+
+    Phases (generation, rewards, old log-probs, training forward, backward, optimizer, other) are entered and left
+    by wrappers around each side's own functions (`_wrap_phase`). At every boundary the kernel's RSS high-water
+    mark (``VmHWM``) is read, which is the peak of the segment that just ended, attributed to the phase that was
+    running (``other`` outside every wrapped function), and then reset (``/proc/self/clear_refs``). The peak of
+    the iterations is the largest segment peak. Reading and resetting cost a few microseconds per boundary.
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -107,39 +147,153 @@ class MemoryProbe:
         self.peak_before = 0
         self.peak_resettable = False
         self.cuda_start = 0
+        self.train_peak = 0
+        self.phases: dict[str, dict[str, int]] = {}  # name -> {"peak": bytes, "entry": bytes, "count": n}
+        self.seconds: dict[str, float] = {}  # name -> wall seconds spent in it (nested phases excluded)
+        self._stack: list[str] = []
+        self._started = False
+        self._since = 0.0
 
-    def start(self) -> None:
+    def start(self, model: Any = None) -> None:
         import psutil
         import torch
 
+        if model is not None:  # page the weights in first: see _touch
+            _touch(model)
         self.rss_start = psutil.Process().memory_info().rss
         self.peak_before = _peak_rss()  # imports + model load
-        try:  # "5" resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            self.peak_resettable = True
-        except OSError:
-            self.peak_resettable = False
+        self.peak_resettable = _reset_peak_rss()
+        self.train_peak = self.rss_start
+        self._started = True
+        self._since = time.perf_counter()
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.cuda_start = torch.cuda.memory_allocated()
 
+    def _close_segment(self) -> None:
+        """Attribute the peak since the last boundary to the running phase, then reset the high-water mark."""
+        if not self._started:
+            return
+        now = time.perf_counter()
+        name = self._stack[-1] if self._stack else "other"
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._since
+        self._since = now
+        peak = _peak_rss()
+        self.train_peak = max(self.train_peak, peak)
+        if self.peak_resettable:
+            entry = self.phases.setdefault(name, {})
+            entry["peak"] = max(entry.get("peak", 0), peak)
+            _reset_peak_rss()
+
+    def enter(self, name: str) -> None:
+        self._close_segment()
+        self._stack.append(name)
+        if self._started and self.peak_resettable:
+            import psutil
+
+            entry = self.phases.setdefault(name, {})
+            entry["entry"] = psutil.Process().memory_info().rss  # the last call's (a timed iteration's)
+            entry["count"] = entry.get("count", 0) + 1
+
+    def exit(self) -> None:
+        self._close_segment()
+        self._stack.pop()
+
     def result(self) -> dict[str, Any]:
         import torch
 
-        peak = _peak_rss()
+        self._close_segment()
+        peak = self.train_peak if self.peak_resettable else _peak_rss()
         out = {
             "rss_start": self.rss_start,
             "peak_rss_train": peak,
             "peak_rss_abs": max(peak, self.peak_before),
             "peak_resettable": self.peak_resettable,
+            "phases": {name: dict(values) for name, values in self.phases.items()},
+            "phase_seconds": dict(self.seconds),
         }
         if self.device == "cuda":
             torch.cuda.synchronize()
             out["cuda_start"] = self.cuda_start
             out["cuda_peak"] = torch.cuda.max_memory_allocated()
         return out
+
+
+def _wrap_phase(probe: MemoryProbe, owner: Any, attribute: str, name: str | Callable[[], str | None]) -> None:
+    """Replace ``owner.attribute`` (a method, on the instance) by a wrapper that runs it as phase ``name``.
+
+    ``name`` may be a function returning the phase name at call time, or None to stay in the enclosing phase.
+    """
+    original = getattr(owner, attribute)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        phase = name() if callable(name) else name
+        if phase is None:
+            return original(*args, **kwargs)
+        probe.enter(phase)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            probe.exit()
+
+    setattr(owner, attribute, wrapper)
+
+
+class _PhasedCall:
+    """A callable object (our `RewardScorer`) whose calls run as one phase; other attributes pass through."""
+
+    def __init__(self, wrapped: Any, probe: MemoryProbe, name: str) -> None:
+        self._wrapped, self._probe, self._name = wrapped, probe, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._probe.enter(self._name)
+        try:
+            return self._wrapped(*args, **kwargs)
+        finally:
+            self._probe.exit()
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._wrapped, attribute)
+
+
+def _grad_phase(grad_name: str, no_grad_name: str | None = None) -> Callable[[], str | None]:
+    """The phase of a forward pass: ``grad_name`` with autograd on, else ``no_grad_name``."""
+
+    def name() -> str | None:
+        import torch
+
+        return grad_name if torch.is_grad_enabled() else no_grad_name
+
+    return name
+
+
+def _touch(model: Any) -> None:
+    """Read every parameter and buffer once, so that RSS at start counts the whole model on both sides.
+
+    transformers maps a safetensors file whose dtype is the requested one (fp32 SmolLM2 on CPU) into memory
+    instead of copying it: the weights are file-backed pages, counted in RSS only once touched. A side whose setup
+    ran a forward pass before training starts (ours checks the fused head against the model's logits) would start
+    with the weights resident, the other would page them in during its first iteration (about 520 MiB for
+    SmolLM2-135M) and count them as working memory.
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.detach().sum()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``; writing "5" to clear_refs, Linux >= 4.0); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _peak_rss() -> int:
@@ -200,6 +354,21 @@ def _datamodule(args: argparse.Namespace) -> Any:
     )
 
 
+def _lora_options(args: argparse.Namespace, peft: bool = False) -> dict[str, Any]:
+    """The same adapters on both sides: our `LoRA` arguments, or peft's ``LoraConfig`` ones (``peft=True``)."""
+    targets: str | list[str] = (
+        "all-linear" if args.lora_targets == ["all-linear"] else list(args.lora_targets)
+    )
+    if peft:
+        return {
+            "r": args.lora_r,
+            "lora_alpha": args.lora_alpha,
+            "lora_dropout": 0.0,
+            "target_modules": targets,
+        }
+    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0, "target_modules": targets}
+
+
 # ---------------------------------------------------------------------------------------------- the two sides
 
 
@@ -211,6 +380,12 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
     from lit_entropy import GRPO, LoRA, Loss, Policy, Reward, Sampling
 
     seed_everything(args.seed, verbose=False)
+    if args.no_share_prompts:  # the previous rollout: every repeated prompt prefilled on its own
+        import lit_entropy.module
+
+        lit_entropy.module.generate_rollout = functools.partial(
+            lit_entropy.module.generate_rollout, share_prompts=False
+        )
     sizes = _sizes(args)
     probe = MemoryProbe(args.device)
     seconds: list[float] = []
@@ -222,7 +397,7 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
             import torch
 
             state["threads"] = torch.get_num_threads()
-            probe.start()
+            probe.start(pl_module.policy)
 
         def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
             _sync(args.device)
@@ -235,10 +410,11 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
             seconds.append(time.perf_counter() - state["started"])
             tokens.append(int(outputs["token_mask"].sum()))
             state["memory"] = probe.result()
+            state.setdefault("warmup_seconds", state["memory"]["phase_seconds"])
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_lit_") as folder:
         module = GRPO(
-            policy=Policy(path=args.folder, lora=LoRA(r=16, alpha=32)),
+            policy=Policy(path=args.folder, lora=LoRA(**_lora_options(args))),
             rewards=[Reward(fn=REWARD_FN)],
             sampling=Sampling(
                 group_size=args.group,
@@ -256,6 +432,15 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             sampler_logprobs=args.sampler_logprobs,
         )
+        # phases of the per-phase memory table (sequence_logprobs with grad = the training forward; without
+        # grad it runs inside _logprobs_no_grad, whose phase it stays in)
+        _wrap_phase(probe, module, "generate", "generation")
+        _wrap_phase(probe, module, "_logprobs_no_grad", "old log-probs")
+        _wrap_phase(probe, module, "sequence_logprobs", _grad_phase("train forward"))
+        _wrap_phase(probe, module, "manual_backward", "backward")
+        _wrap_phase(probe, module, "_step", "optimizer")
+        # RewardScorer is called through __call__ (looked up on the type): wrap the object instead
+        module.reward_scorer = _PhasedCall(module.reward_scorer, probe, "rewards")
         trainer = Trainer(
             accelerator="gpu" if args.device == "cuda" else "cpu",
             devices=1,
@@ -270,7 +455,13 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
             callbacks=[Timer()],
         )
         trainer.fit(module, _datamodule(args))
-    return {"seconds": seconds, "tokens": tokens, "threads": state["threads"], **state["memory"]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "threads": state["threads"],
+        "warmup_phase_seconds": state["warmup_seconds"],
+        **state["memory"],
+    }
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,18 +503,27 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         def on_train_begin(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
             torch.set_num_threads(args.threads)  # in case the trainer's setup changed it
             state["threads"] = torch.get_num_threads()
-            probe.start()
+            probe.start(kwargs["model"])
 
         def on_step_begin(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
             if trainer_state.global_step % updates == 0:  # the first update of a rollout: it generates
                 _sync(args.device)
                 state["started"] = time.perf_counter()
 
+        def on_pre_optimizer_step(
+            self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any
+        ) -> None:
+            probe.enter("optimizer")
+
+        def on_optimizer_step(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
+            probe.exit()
+
         def on_step_end(self, train_args: Any, trainer_state: Any, control: Any, **kwargs: Any) -> None:
             if trainer_state.global_step % updates == 0:  # global_step already counts this update
                 _sync(args.device)
                 seconds.append(time.perf_counter() - state["started"])
                 state["memory"] = probe.result()
+                state.setdefault("warmup_seconds", state["memory"]["phase_seconds"])
 
     cpu = args.device == "cpu"
     with tempfile.TemporaryDirectory(prefix="vs_trl_trl_") as folder:
@@ -379,13 +579,28 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=LoraConfig(
-                task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"
-            ),
+            peft_config=LoraConfig(task_type="CAUSAL_LM", **_lora_options(args, peft=True)),
             callbacks=[Timer()],
         )
+        # the same phases as ours: TRL's generation, reward call, no-grad log-prob pass (old log-probs, skipped
+        # when on-policy), training forward, backward and optimizer step
+        _wrap_phase(probe, trainer, "_generate", "generation")
+        _wrap_phase(probe, trainer, "_calculate_rewards", "rewards")
+        _wrap_phase(
+            probe,
+            trainer,
+            "_get_per_token_logps_and_entropies",
+            _grad_phase("train forward", "old log-probs"),
+        )
+        _wrap_phase(probe, trainer.accelerator, "backward", "backward")
         trainer.train()
-    return {"seconds": seconds, "tokens": tokens, "threads": state["threads"], **state["memory"]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "threads": state["threads"],
+        "warmup_phase_seconds": state["warmup_seconds"],
+        **state["memory"],
+    }
 
 
 def _sync(device: str) -> None:
@@ -415,12 +630,17 @@ def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]
         "ppo_epochs",
         "lr",
         "seed",
+        "lora_r",
+        "lora_alpha",
     ):
         value = getattr(args, name)
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]
+    command += ["--lora-targets", *args.lora_targets]
     if args.sampler_logprobs:
         command.append("--sampler-logprobs")
+    if args.no_share_prompts:
+        command.append("--no-share-prompts")
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(args.threads)
@@ -430,6 +650,15 @@ def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]
     if done.returncode != 0 or not results:
         raise RuntimeError(f"{side} worker failed (exit {done.returncode}):\n{output[-4000:]}")
     return json.loads(results[-1][len(RESULT_PREFIX) :])
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _mib(value: float) -> str:
@@ -459,8 +688,15 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
             rows[side]["cuda_peak"] = max(run["cuda_peak"] for run in runs)
             rows[side]["cuda_delta"] = max(run["cuda_peak"] - run["cuda_start"] for run in runs)
     ours, trl = rows["lit_entropy"], rows["trl"]
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(
-        f"\nB={args.prompts} prompts x G={args.group} = N={sizes['num']} completions of <= {args.max_new_tokens} "
+        f"\nmodel {args.model_path or 'embedded'}; LoRA r={args.lora_r} alpha={args.lora_alpha} on "
+        f"{' '.join(args.lora_targets)}; torch {_version('torch')}, transformers {_version('transformers')}, "
+        f"peft {_version('peft')}, TRL {_version('trl')}, lightning {_version('lightning')}; "
+        f"glibc malloc environment: {malloc or 'default'}"
+    )
+    print(
+        f"B={args.prompts} prompts x G={args.group} = N={sizes['num']} completions of <= {args.max_new_tokens} "
         f"tokens; {sizes['updates']} update(s) per rollout (mini-batch {sizes['minibatch']}, micro-batch "
         f"{sizes['microbatch']}, {args.ppo_epochs} epoch(s)); device {args.device}, torch threads "
         f"{ours['threads']} / {trl['threads']}; {args.rounds} round(s) x {args.iterations} timed iteration(s)"
@@ -489,9 +725,52 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
             f", TRL {_mib(trl['cuda_peak'])} (iterations {_mib(trl['cuda_delta'])}); "
             f"ratio {ours['cuda_peak'] / trl['cuda_peak']:.3f}"
         )
+    phases: dict[str, dict[str, dict[str, float]]] = {side: {} for side in SIDES}
+    for side in SIDES:
+        runs = results[side]
+        for run in runs:
+            timed = max(len(run["seconds"]) - 1, 1)
+            for name in set(run.get("phases", {})) | set(run.get("phase_seconds", {})):
+                values = run.get("phases", {}).get(name, {})
+                merged = phases[side].setdefault(name, {"peak": 0, "entry": 0, "count": 0, "s": 0.0})
+                for key in ("peak", "entry"):
+                    if key in values:
+                        merged[key] = max(merged[key], values[key] - run["rss_start"])
+                merged["count"] = max(merged["count"], values.get("count", 0))
+                # seconds per timed iteration: the cumulative total minus the warm-up's, averaged over runs
+                spent = run["phase_seconds"].get(name, 0.0) - run["warmup_phase_seconds"].get(name, 0.0)
+                merged["s"] += spent / timed / len(runs)
+    names = [n for n in PHASES if any(n in phases[side] for side in SIDES)]
+    names += sorted({n for side in SIDES for n in phases[side]} - set(names))
+    if names:
+        print(
+            "\nPer phase: peak RSS in MiB over the RSS at the start of training (max over runs, warm-up "
+            "included), the RSS when it last began (a timed iteration), calls per run, and seconds per timed "
+            "iteration (mean over runs):"
+        )
+        print(
+            "| phase | ours peak | ours at entry | ours calls | ours s/iter | "
+            "TRL peak | TRL at entry | TRL calls | TRL s/iter |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in names:
+            cells = [name]
+            for side in SIDES:
+                values = phases[side].get(name)
+                if values is None:
+                    cells += ["-", "-", "0", "-"]
+                    continue
+                cells += [
+                    _mib(values["peak"]),
+                    _mib(values["entry"]) if values["count"] else "",
+                    str(int(values["count"])),
+                    f"{values['s']:.2f}",
+                ]
+            print("| " + " | ".join(cells) + " |")
     print(
         "Not identical: TRL 'dapo' normalises each mini-batch by the rollout's mean tokens per mini-batch (ours: "
-        "its own count); TRL's logits vs our chunked head; both sample, so completion lengths "
+        "its own count); TRL's chunked head (on CPU over every position) vs ours (completion positions); ours "
+        "prefills each distinct prompt once unless --no-share-prompts; both sample, so completion lengths "
         "differ (compare s / 1k tokens too). Top-k is off on both sides."
     )
 
@@ -507,6 +786,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cache", default=".cache/lit_entropy", help="embedded model cache (built once)")
+    parser.add_argument(
+        "--model-path",
+        default=None,
+        help="a local Hugging Face model folder (config, weights, tokenizer) instead of the embedded model",
+    )
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, both sides")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha, both sides")
+    parser.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=["all-linear"],
+        help="LoRA target modules, both sides (default all-linear; e.g. q_proj v_proj)",
+    )
     parser.add_argument("--prompts", type=int, default=32, help="prompts per RL iteration (B)")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="completion length cap (T)")
@@ -529,6 +821,11 @@ def parse_args() -> argparse.Namespace:
         "--sampler-logprobs",
         action="store_true",
         help="ours: old log-probs recorded during generation (GRPO(sampler_logprobs=True)), no second pass",
+    )
+    parser.add_argument(
+        "--no-share-prompts",
+        action="store_true",
+        help="ours: prefill every repeated prompt (generate_rollout(share_prompts=False)), as TRL does",
     )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -563,11 +860,14 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
-    from lit_entropy import EmbeddedModel
-    from lit_entropy.embedded import prepare_embedded_model
+    if args.model_path is not None:
+        folder = os.path.abspath(args.model_path)
+    else:
+        from lit_entropy import EmbeddedModel
+        from lit_entropy.embedded import prepare_embedded_model
 
-    # the embedded recipe's model (its defaults); built once, then both sides load this folder
-    folder = prepare_embedded_model(EmbeddedModel(cache_dir=args.cache))
+        # the embedded recipe's model (its defaults); built once, then both sides load this folder
+        folder = prepare_embedded_model(EmbeddedModel(cache_dir=args.cache))
     print(f"model folder: {folder}", file=sys.stderr)
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for round_index in range(args.rounds):
