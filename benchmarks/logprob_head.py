@@ -39,7 +39,10 @@ It fails the script when they are not close.
 
 Targets (issue): the extra peak memory of ``ours`` at most 15% of ``naive``'s, its forward+backward time at most
 1.2x ``naive``'s, for V = 151,936, H in {896, 1536}, N*T in {4096, 16384} (4 and 16 sequences of 1,024 tokens).
-Memory is in GB (1e9 bytes). Default dtype: bfloat16 on CUDA, float32 on CPU (a CPU bf16 matmul is slow and
+``--smollm2`` measures SmolLM2-135M's head instead: V = 49,152, H = 576, the head's weight tied to the input
+embedding (``--tied``: one frozen Parameter shared by an ``nn.Embedding`` and the ``nn.Linear``), 1,024 to
+16,384 rows; the rows are flattened, so only N*T matters, not how it splits into N and T. Memory is in GB (1e9
+bytes). Default dtype: bfloat16 on CUDA, float32 on CPU (a CPU bf16 matmul is slow and
 unrepresentative).
 
 Usage:
@@ -48,6 +51,7 @@ Usage:
     .venv/bin/python benchmarks/logprob_head.py --device cpu --threads 2 --repeats 2
     .venv/bin/python benchmarks/logprob_head.py --hidden 896 --tokens 4096 --methods naive ours
     .venv/bin/python benchmarks/logprob_head.py --no-skip                # CUDA: try naive at 16,384 tokens
+    .venv/bin/python benchmarks/logprob_head.py --smollm2 --device cpu --threads 1   # V=49,152, H=576, tied head
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/logprob_head.py --quick --threads 1   # smoke run, tiny sizes
 """
 
@@ -124,14 +128,29 @@ METHOD_FNS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 
 
 def make_inputs(
-    n: int, t: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int
+    n: int,
+    t: int,
+    h: int,
+    v: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tied: bool = False,
 ) -> tuple[Tensor, nn.Linear, Tensor, Tensor, Tensor]:
-    """``hidden [N, T, H]`` (requires grad), a frozen ``nn.Linear(H, V)``, ``tokens``, ``a``, ``b``; in place."""
+    """``hidden [N, T, H]`` (requires grad), a frozen ``nn.Linear(H, V)``, ``tokens``, ``a``, ``b``; in place.
+
+    ``tied``: the head's weight is an ``nn.Embedding``'s (one Parameter, as in SmolLM2 or Qwen2.5-0.5B with
+    ``tie_word_embeddings``), frozen as under LoRA; the embedding is kept alive as ``head.tied_embedding``.
+    """
     torch.manual_seed(seed)
     head = nn.Linear(h, v, bias=False, device="meta")
     # logits of std ~3: a peaked distribution, as a trained LM's, rather than near-uniform
     weight = torch.empty(v, h, dtype=dtype, device=device).normal_(0.0, 3.0 / h**0.5)
     head.weight = nn.Parameter(weight, requires_grad=False)
+    if tied:
+        embedding = nn.Embedding(v, h, device="meta")
+        embedding.weight = head.weight  # the same Parameter: a tied input/output embedding
+        head.tied_embedding = embedding
     hidden = torch.empty(n, t, h, dtype=dtype, device=device).normal_().requires_grad_()
     tokens = torch.randint(0, v, (n, t), device=device)
     a = torch.empty(n, t, dtype=torch.float32, device=device).normal_()
@@ -192,7 +211,9 @@ def _sync(device: torch.device) -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Worker: extra peak memory of the first call, then the median seconds of ``--repeats`` timed calls."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    hidden, head, tokens, a, b = make_inputs(args.n, args.t, args.h, args.vocab, dtype, device, args.seed)
+    hidden, head, tokens, a, b = make_inputs(
+        args.n, args.t, args.h, args.vocab, dtype, device, args.seed, tied=args.tied
+    )
     kwargs = {
         "temperature": args.temperature,
         "chunk_size": args.chunk_size,
@@ -251,7 +272,9 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         return info
     # several chunks for ``ours`` even at this size, unless --chunk-size says otherwise
     chunk = args.chunk_size or min(default_chunk_size(args.vocab), CHECK_TOKENS // 3)
-    hidden, head, tokens, a, b = make_inputs(1, CHECK_TOKENS, args.h, args.vocab, dtype, device, args.seed)
+    hidden, head, tokens, a, b = make_inputs(
+        1, CHECK_TOKENS, args.h, args.vocab, dtype, device, args.seed, tied=args.tied
+    )
     kwargs = {
         "temperature": args.temperature,
         "chunk_size": chunk,
@@ -323,6 +346,8 @@ def run_worker(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     command += ["--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
     command += ["--temperature", str(args.temperature), "--seed", str(args.seed)]
     command += ["--legacy-chunk-size", str(args.legacy_chunk_size)]
+    if args.tied:
+        command.append("--tied")
     if args.chunk_size:
         command += ["--chunk-size", str(args.chunk_size)]
     if args.threads:
@@ -436,6 +461,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(harmless on CUDA, where an OOM only fails that worker; dangerous on CPU)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the small correctness check")
+    parser.add_argument(
+        "--tied",
+        action="store_true",
+        help="the head's weight is a (frozen) nn.Embedding's: tied input/output embeddings",
+    )
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="SmolLM2-135M's head: V=49,152, H=576, tied; N*T in {1024, 4096, 16384} rows (T=1024)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -444,6 +479,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--h", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.smollm2:
+        args.tied = True
+        args.vocab = args.vocab or 49_152
+        args.hidden = args.hidden or [576]
+        args.tokens = args.tokens or [1024, 4096, 16384]
     args.vocab = args.vocab or (32_000 if quick else 151_936)
     args.hidden = args.hidden or ([256] if quick else [896, 1536])
     args.tokens = args.tokens or ([512] if quick else [4096, 16384])
@@ -478,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         f"device {args.device} ({info['device']}), {os.cpu_count()} CPUs, {info['threads']} torch threads, "
         f"dtype {args.dtype}, V={args.vocab}, T={args.seq_len}, temperature {args.temperature}, "
         f"ours chunk {args.chunk_size or default_chunk_size(args.vocab)} rows, "
-        f"logits+chunked chunk {args.legacy_chunk_size} rows, {args.repeats} timed repeats (median)"
+        f"logits+chunked chunk {args.legacy_chunk_size} rows, {args.repeats} timed repeats (median), "
+        f"head {'tied to the input embedding' if args.tied else 'untied'}"
     )
     if "check" in info:
         atol, rtol = info["tolerances"]
