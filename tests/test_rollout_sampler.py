@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_entropy.functional import token_logprobs_and_entropy
-from lit_entropy.rollout import SamplerLogprobRecorder, Sampling, SequenceBatch, generate_rollout
+from lit_entropy.rollout import (
+    SamplerLogprobRecorder,
+    Sampling,
+    SequenceBatch,
+    generate_rollout,
+    shared_prompt_cache,
+)
 
 PAD, EOS = 0, 1  # ids of the character tokenizer
 CPU = torch.device("cpu")
@@ -166,3 +172,39 @@ def test_recorder_aligns_steps_and_drops_an_undone_step():
     recorder(torch.tensor([[9], [9]]), step_logits[0])
     recorder(torch.cat([torch.tensor([[9], [9]]), tokens[:, :1]], dim=1), step_logits[1])
     assert torch.allclose(recorder.finish(tokens), expected, atol=1e-6)
+
+
+def test_shared_prompt_prefill_samples_what_a_prefill_per_row_samples(tiny_model, char_tokenizer):
+    # Each distinct prompt is prefilled once and its KV cache repeated for its G rows; with the same seed the
+    # rollout must be the one that prefilling all N rows gives (left-padded prompts included).
+    sampling = Sampling(group_size=4, max_new_tokens=8, temperature=0.9)
+    encoded = char_tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        shared = shared_prompt_cache(
+            tiny_model, encoded["input_ids"], encoded["attention_mask"].bool(), sampling.group_size
+        )
+    assert shared is not None  # the shared path really applies to this model
+    name, cache = shared
+    assert name in ("cache", "past_key_values")
+    assert cache.get_seq_length() == encoded["input_ids"].shape[1] - 1  # every prompt token but the last
+    assert cache.layers[0].keys.shape[0] == len(PROMPTS) * sampling.group_size
+
+    rollouts = []
+    for share in (True, False):
+        torch.manual_seed(3)
+        rollouts.append(
+            generate_rollout(
+                tiny_model,
+                char_tokenizer,
+                PROMPTS,
+                [{}] * 3,
+                sampling,
+                CPU,
+                record_logprobs=True,
+                share_prompts=share,
+            )
+        )
+    with_sharing, without = rollouts
+    assert torch.equal(with_sharing.completion_ids, without.completion_ids)
+    assert torch.equal(with_sharing.completion_mask, without.completion_mask)
+    assert torch.allclose(with_sharing.sampler_logprobs, without.sampler_logprobs, atol=1e-5, rtol=0)
