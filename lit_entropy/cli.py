@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NoReturn
@@ -196,6 +197,11 @@ def main(args: Any = None) -> None:
     `lit_entropy.pretrained` (plain argparse, not LightningCLI subcommands).
     """
     argv = sys.argv[1:] if args is None else args
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every training step under torch >= 2.10: a FutureWarning
+    # about Lightning's code that a user of this command cannot act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     try:
         if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
             from lit_entropy.report import main as report_main

@@ -56,15 +56,18 @@ def _drop_kernel_hub_warning(record: logging.LogRecord) -> bool:
     return "kernels-community" not in record.getMessage()
 
 
+# bitsandbytes warns at import (peft imports it whenever it is installed), on AVX512-BF16 CPUs, that it cannot
+# fetch a faster kernel for the repacked layout from the Hugging Face hub; that layout is never used here
+# (keep_cpu_weights_unpacked), so the warning is dropped before anything can import bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernel_hub_warning)
+
+
 def bits_and_bytes_config(quantization: Quantization) -> BitsAndBytesConfig:
     """Build transformers' ``BitsAndBytesConfig``; bitsandbytes is imported only here.
 
     Raises:
         ConfigError: bitsandbytes is not installed (the message names the extra to install).
     """
-    # bitsandbytes warns at import, on AVX512-BF16 CPUs, that it cannot fetch a faster kernel for the repacked
-    # layout from the Hugging Face hub; that layout is never used here (keep_cpu_weights_unpacked).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernel_hub_warning)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
