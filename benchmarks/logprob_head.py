@@ -37,7 +37,7 @@ the full ``--vocab``; ``ours`` in several chunks) compares ``ours`` and ``logits
 benchmark dtype: max |logprob diff|, max |entropy diff| and the max |hidden.grad diff| over max |hidden.grad|.
 It fails the script when they are not close.
 
-Targets (issue): the extra peak memory of ``ours`` at most 15% of ``naive``'s, its forward+backward time at most
+Targets: the extra peak memory of ``ours`` at most 15% of ``naive``'s, its forward+backward time at most
 1.2x ``naive``'s, for V = 151,936, H in {896, 1536}, N*T in {4096, 16384} (4 and 16 sequences of 1,024 tokens).
 ``--smollm2`` measures SmolLM2-135M's head instead: V = 49,152, H = 576, the head's weight tied to the input
 embedding (``--tied``: one frozen Parameter shared by an ``nn.Embedding`` and the ``nn.Linear``), 1,024 to

@@ -1,6 +1,6 @@
 """`ClipCov`: remove the policy gradient of a few random tokens whose covariance is in a band (Cui et al.).
 
-ALGORITHMS.md section 5. Candidates are the kept tokens with ``cov_lb < cov_i < cov_ub`` (strict) whose PPO
+Cui et al., arXiv 2505.22617. Candidates are the kept tokens with ``cov_lb < cov_i < cov_ub`` (strict) whose PPO
 clip is not already active; ``max(floor(ratio * n), 1)`` of them (all if fewer), chosen uniformly at random,
 get token weight 0: no policy gradient, but they still count in the token-mean denominator.
 

@@ -163,7 +163,7 @@ class EntropyConstraint(Regularizer):
     is undefined and the term is 0; the first dual step already uses the measured entropy and the target
     derived from it.
 
-    Cross-rank (issue 6): the constraint needs no token selection, so no all-gather; ``H_mean`` in the loss is
+    Cross-rank: the constraint needs no token selection, so no all-gather; ``H_mean`` in the loss is
     the rank's mini-batch token mean (like the policy loss, normalised by ``view.num_tokens``: a global token
     count there makes it exact), and the dual step uses the synchronised ``outputs["entropy"]``.
 

@@ -13,7 +13,7 @@ first epoch, ``token_advantages``, ``token_mask``) and logs, under ``monitor/``:
 - ``cov_mean`` and ``cov_top_mean``: mean over kept tokens of ``cov_i = (lp_i - mean lp)(A_i - mean A)``
   (the covariance ``Cov(lp, A)``) and the mean of its ``max(1, floor(top_fraction * n))`` largest values;
 - ``predicted_dH``: ``-cov_mean``, the first-order entropy change that this iteration's update should cause
-  (Cui et al., arXiv 2505.22617, ALGORITHMS.md section 5: ``dH ~= -eta * Cov(lp, A)`` with ``eta = 1``). The
+  (Cui et al., arXiv 2505.22617: ``dH ~= -eta * Cov(lp, A)`` with ``eta = 1``). The
   real step size depends on the learning rate, the optimizer and the number of updates, so this is a
   *proportional* predictor: compare its sign and correlation, not its magnitude;
 - ``observed_dH``: ``H_t - H_{t-1}``, logged at iteration ``t`` (the change the previous prediction was for);

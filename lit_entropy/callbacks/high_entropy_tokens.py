@@ -1,6 +1,6 @@
 """`HighEntropyTokens`: keep the policy gradient only on the highest-entropy tokens ("Beyond the 80/20 rule").
 
-ALGORITHMS.md section 7 (arXiv 2506.01939): token weight 1 on the kept tokens whose entropy is at least the
+"Beyond the 80/20 rule" (arXiv 2506.01939): token weight 1 on the kept tokens whose entropy is at least the
 ``(1 - rho)`` quantile of the kept tokens' entropy of the scope, 0 elsewhere; the token-mean normaliser stays
 the count of all kept tokens.
 

@@ -1,6 +1,6 @@
 """`KLCov`: penalise ``|lp - old|`` on the tokens of highest covariance, with PPO clipping off (Cui et al.).
 
-ALGORITHMS.md section 5. The top ``max(floor(ratio * n), 1)`` kept tokens by ``cov_i = (lp_i - mean lp) *
+Cui et al., arXiv 2505.22617. The top ``max(floor(ratio * n), 1)`` kept tokens by ``cov_i = (lp_i - mean lp) *
 (A_i - mean A)`` (no bounds, no sign test: at least one token is always selected) get the extra per-token
 loss ``kl_coef * |lp - old|``, differentiated through ``lp``; the surrogate is not clipped at all.
 

@@ -34,7 +34,7 @@ from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regula
 
 Variant = Literal["R", "D"]
 
-#: (zeta_init, zeta_min, zeta_max) by variant, from ALGORITHMS.md section 6.
+#: (zeta_init, zeta_min, zeta_max) by variant, from the REPO paper (arXiv 2603.11682).
 ZETA_DEFAULTS: dict[str, tuple[float, float, float]] = {"R": (1e-3, 1e-4, 0.05), "D": (1e-2, 1e-3, 10.0)}
 
 __all__ = [
@@ -88,7 +88,7 @@ def predicted_entropy_change(logprobs: Tensor, advantages: Tensor, mask: Tensor)
     ``microbatch_size``). Usually negative: likely tokens carry high advantages, so the step sharpens the
     policy. 0 when no token is kept.
 
-    Across data-parallel ranks (issue 6) this is where the reduction goes: all-reduce the sums of ``lp``,
+    Across data-parallel ranks this is where the reduction goes: all-reduce the sums of ``lp``,
     ``A`` and the kept-token count to get the global means, then all-reduce the sum of the centred products.
 
     Args:
@@ -105,7 +105,7 @@ def predicted_entropy_change(logprobs: Tensor, advantages: Tensor, mask: Tensor)
 def repo_d_beta(zeta: float, entropy_change: Tensor) -> Tensor:
     """REPO-D's ``beta = -zeta * dH_hat``: proportional to the predicted entropy *drop*.
 
-    ALGORITHMS.md writes ``beta = zeta * dH_hat``. Taken literally with ``zeta > 0`` and the usual
+    The paper's REPO-D is ``beta = zeta * dH_hat``. Taken literally with ``zeta > 0`` and the usual
     ``dH_hat < 0``, ``beta`` would be negative, i.e. an entropy *penalty* that the controller would strengthen
     while entropy is below target, the opposite of REPO's intent. The project therefore takes ``beta`` to
     oppose the predicted change: a predicted drop (``dH_hat < 0``) gives an entropy bonus of matching size,
@@ -157,7 +157,7 @@ def next_zeta(
     A positive ``zeta`` pushes entropy up. Entropy below target: ``zeta *= 2``; above: ``zeta /= 2``; equal:
     unchanged; ``|zeta|`` clamped to ``[zeta_min, zeta_max]``. With ``two_way``, when ``|zeta|`` already sits
     at ``zeta_min`` and entropy is still above target, the sign flips (``zeta = -zeta_min``) so the term pulls
-    entropy down, as the public re-implementation cited in ALGORITHMS.md section 6 does. A negative ``zeta``
+    entropy down, as a public re-implementation of REPO does. A negative ``zeta``
     is handled symmetrically (the project's reading; that implementation's handling of the negative branch
     was not available): entropy above target doubles ``|zeta|``, below target halves it, and at
     ``zeta_min`` it flips back to ``+zeta_min``.
