@@ -27,6 +27,7 @@ LossAggregation = Literal[
 ]
 
 __all__ = [
+    "equal_reward_groups",
     "AdvantageMode",
     "AdvantageScale",
     "KLEstimator",
@@ -38,7 +39,6 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "token_logprobs_and_entropy",
-    "zero_std_fraction",
 ]
 
 # Bound on |ref - lp| inside the k3 estimator: exp(20) ~ 4.9e8 is still finite in fp32 (and bf16), while a
@@ -180,23 +180,23 @@ def group_advantages(
     elif scale == "batch":
         adv = adv / (r.std(correction=1) + eps)
 
-    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    all_equal = equal_reward_groups(rewards, group_size)[:, None]  # [B, 1]
     adv = torch.where(all_equal, torch.zeros_like(adv), adv)
     return adv.reshape(-1)
 
 
-def zero_std_fraction(rewards: Tensor, group_size: int) -> Tensor:
-    """Fraction of groups whose rewards are all exactly equal (they carry no learning signal).
+def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Which groups have rewards that are all exactly equal (they carry no learning signal: advantage 0).
 
     Args:
         rewards: ``[N]`` rewards, group-contiguous as in :func:`group_advantages`.
         group_size: ``G``.
 
     Returns:
-        Scalar float32 tensor in ``[0, 1]``.
+        ``[B]`` bool.
     """
     r = _groups(rewards.detach(), group_size)  # [B, G]
-    return (r == r[:, :1]).all(dim=1).to(torch.float32).mean()
+    return (r == r[:, :1]).all(dim=1)
 
 
 def _logprobs_and_entropy_rows(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

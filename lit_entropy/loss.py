@@ -68,7 +68,6 @@ class MicrobatchLoss:
     """The loss of one micro-batch and what it is made of (all detached except ``loss``)."""
 
     loss: Tensor  # scalar, with gradient
-    policy_loss: Tensor  # scalar
     kl: Tensor | None  # [n, T] per-token KL, or None
     clipped_low: Tensor  # [n, T] bool
     clipped_high: Tensor  # [n, T] bool
@@ -112,7 +111,6 @@ def microbatch_loss(
     terms = total_loss_terms(combined.loss_terms, aggregated)
     return MicrobatchLoss(
         loss=aggregated + terms,
-        policy_loss=aggregated.detach(),
         kl=None if kl is None else kl.detach(),
         clipped_low=clipped_low,
         clipped_high=clipped_high,

@@ -34,7 +34,7 @@ from lit_entropy.distributed import FSDP2, gather_objects, rank, shard_policy, s
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError, LitEntropyError
 from lit_entropy.evaluation import distinct_correct, pass_at_k
-from lit_entropy.functional import group_advantages, token_logprobs_and_entropy
+from lit_entropy.functional import equal_reward_groups, group_advantages, token_logprobs_and_entropy
 from lit_entropy.head import head_logprobs_and_entropy
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.model import (
@@ -559,7 +559,6 @@ class GRPO(LightningModule):
     ) -> dict[str, Tensor]:
         """Log and return the iteration's statistics, each reduced over all ranks from sums and counts."""
         mask = rollout.completion_mask
-        groups = rewards.detach().reshape(-1, group)  # [B, G]
         function_names = sorted(scores.per_function)
         term_names = sorted(sums.terms)
         metric_names = sorted(sums.metrics)
@@ -569,8 +568,8 @@ class GRPO(LightningModule):
             rewards.detach().float().square().sum(),
             mask.sum(),
             rollout.truncated.float().sum(),
-            (groups == groups[:, :1]).all(dim=1).float().sum(),
-            torch.tensor(float(groups.shape[0])),
+            equal_reward_groups(rewards, group).float().sum(),
+            torch.tensor(float(rewards.numel() // group)),
             torch.tensor(float(scores.num_errors)),
             torch.tensor(float(scores.num_timeouts)),
             sums.loss,

@@ -11,12 +11,12 @@ from lit_entropy.errors import ConfigError
 from lit_entropy.functional import (
     aggregate_loss,
     clipped_surrogate,
+    equal_reward_groups,
     group_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     token_logprobs_and_entropy,
-    zero_std_fraction,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_masked_reductions_ignore_nan_at_padding() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# group_advantages / zero_std_fraction
+# group_advantages / equal_reward_groups
 
 # Two groups of G=4: [1, 0, 0, 1] and [0, 0, 0, 0].
 # Group 1: mean 0.5, deviations +-0.5, unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3) = 0.5773503.
@@ -140,7 +140,7 @@ def test_group_advantages_bad_group_size(n: int, group_size: int) -> None:
     with pytest.raises(ConfigError, match=rf"group_size={group_size}.*N={n}|N={n}.*group_size={group_size}"):
         group_advantages(torch.zeros(n), group_size)
     with pytest.raises(ConfigError, match="group_size"):
-        zero_std_fraction(torch.zeros(n), group_size)
+        equal_reward_groups(torch.zeros(n), group_size)
 
 
 def test_group_advantages_bad_mode_and_scale() -> None:
@@ -150,15 +150,14 @@ def test_group_advantages_bad_mode_and_scale() -> None:
         group_advantages(REWARDS, 4, scale="std")  # type: ignore[arg-type]
 
 
-def test_zero_std_fraction() -> None:
-    # groups: [1,0,0,1] varied, [0,0,0,0] equal -> 1/2
-    assert zero_std_fraction(REWARDS, 4).item() == 0.5
-    # groups of 2: [1,0] [0,1] [0,0] [0,0] -> 2/4
-    assert zero_std_fraction(REWARDS, 2).item() == 0.5
-    # exact equality: [0.3, 0.3+1e-6] is not an all-equal group; [2, 2] is -> 1/2
-    out = zero_std_fraction(torch.tensor([0.3, 0.3 + 1e-6, 2.0, 2.0]), 2)
-    assert out.dtype == torch.float32 and out.dim() == 0
-    assert out.item() == 0.5
+def test_equal_reward_groups() -> None:
+    # groups: [1,0,0,1] varied, [0,0,0,0] equal
+    assert equal_reward_groups(REWARDS, 4).tolist() == [False, True]
+    # groups of 2: [1,0] [0,1] [0,0] [0,0]
+    assert equal_reward_groups(REWARDS, 2).tolist() == [False, False, True, True]
+    # exact equality: [0.3, 0.3+1e-6] is not an all-equal group; [2, 2] is
+    out = equal_reward_groups(torch.tensor([0.3, 0.3 + 1e-6, 2.0, 2.0]), 2)
+    assert out.dtype == torch.bool and out.tolist() == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------------------
