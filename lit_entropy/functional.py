@@ -27,17 +27,18 @@ LossAggregation = Literal[
 ]
 
 __all__ = [
-    "equal_reward_groups",
     "AdvantageMode",
     "AdvantageScale",
     "KLEstimator",
     "LossAggregation",
     "aggregate_loss",
     "clipped_surrogate",
+    "equal_reward_groups",
     "group_advantages",
     "kl_penalty",
     "masked_mean",
     "masked_sum",
+    "rows_logprobs_and_entropy",
     "token_logprobs_and_entropy",
 ]
 
@@ -199,8 +200,21 @@ def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (r == r[:, :1]).all(dim=1)
 
 
-def _logprobs_and_entropy_rows(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``tokens`` and entropy for a ``[R, V]`` block of logits (R rows, any dtype)."""
+def rows_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``tokens`` and entropy for a ``[R, V]`` block of logits (R rows, any dtype), in fp32.
+
+    The building block of :func:`token_logprobs_and_entropy` and of the chunked head (``lit_entropy.head``):
+    ``logits / temperature`` in fp32, ``lse = logsumexp``, ``logprob = z[token] - lse``,
+    ``entropy = lse - sum_v softmax(z)_v z_v`` (``-inf`` entries contribute 0).
+
+    Args:
+        logits: ``[R, V]``.
+        tokens: ``[R]`` ids.
+        temperature: > 0.
+
+    Returns:
+        ``(logprobs [R], entropy [R])``, float32.
+    """
     z = logits.to(torch.float32) / temperature  # [R, V] fp32
     lse = torch.logsumexp(z, dim=-1)  # [R]
     logprobs = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse  # [R]
@@ -270,10 +284,10 @@ def token_logprobs_and_entropy(
     ):
         if need_grad:
             lp, ent = checkpoint(
-                _logprobs_and_entropy_rows, logit_chunk, token_chunk, temperature, use_reentrant=False
+                rows_logprobs_and_entropy, logit_chunk, token_chunk, temperature, use_reentrant=False
             )
         else:
-            lp, ent = _logprobs_and_entropy_rows(logit_chunk, token_chunk, temperature)
+            lp, ent = rows_logprobs_and_entropy(logit_chunk, token_chunk, temperature)
         logprob_chunks.append(lp)
         entropy_chunks.append(ent)
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.functional import _logprobs_and_entropy_rows
+from lit_entropy.functional import rows_logprobs_and_entropy
 
 #: fp32 elements of one ``[chunk, V]`` block when ``chunk_size`` is not given: 2**25 (128 MB), i.e. 220 rows of
 #: a 151,936-token vocabulary. The peak of the computation is a few such blocks, whatever ``N*T`` is.
@@ -119,7 +119,7 @@ class _FrozenLinearHead(torch.autograd.Function):
 def _module_head_rows(
     head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    return _logprobs_and_entropy_rows(head(hidden), tokens, temperature)
+    return rows_logprobs_and_entropy(head(hidden), tokens, temperature)
 
 
 def head_logprobs_and_entropy(

@@ -191,6 +191,26 @@ def test_override_and_adjust_r_by_hand_and_pure():
     )
 
 
+@pytest.mark.parametrize("variant", ["R", "D"])
+def test_advantages_are_computed_once_per_microbatch(monkeypatch, variant):
+    import lit_entropy.callbacks.repo as repo_module
+
+    name = "repo_r_advantages" if variant == "R" else "repo_d_advantages"
+    calls = []
+    original = getattr(repo_module, name)
+    monkeypatch.setattr(repo_module, name, lambda *args: calls.append(1) or original(*args))
+    repo = REPO(variant=variant)
+    view = make_view(R_LOGPROBS.clone(), R_ADVANTAGES, mask=R_MASK)
+    first = repo.override(view).advantages
+    repo.adjust(view)
+    assert len(calls) == 1
+    repo.zeta *= 2  # new state: computed again, with the new zeta
+    assert len(calls) == 1 and not torch.equal(repo.override(view).advantages, first)
+    assert len(calls) == 2
+    repo.override(make_view(R_LOGPROBS.clone(), R_ADVANTAGES, mask=R_MASK))  # another micro-batch
+    assert len(calls) == 3
+
+
 def test_repo_d_uses_the_whole_minibatch_for_every_microbatch():
     repo = REPO(variant="D", zeta_init=0.1)
     full = make_view(D_LOGPROBS, D_ADVANTAGES, entropy=D_ENTROPY)

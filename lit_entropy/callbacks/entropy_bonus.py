@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import typing_extensions
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
@@ -94,6 +95,7 @@ class EntropyBonus(Regularizer):
             metrics={"entropy": _microbatch_entropy(view)},
         )
 
+    @typing_extensions.override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -173,6 +175,7 @@ class AdaptiveEntropyBonus(Regularizer):
             metrics={"entropy": _microbatch_entropy(view)},
         )
 
+    @typing_extensions.override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -186,9 +189,11 @@ class AdaptiveEntropyBonus(Regularizer):
         for key, value in (("coef", self.coef), ("active", float(self.active))):
             pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
 
+    @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:
         return {"coef": self.coef, "active": self.active}
 
+    @typing_extensions.override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in ("coef", "active"):
             if name not in state_dict:

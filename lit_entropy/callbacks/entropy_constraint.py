@@ -20,6 +20,7 @@ import math
 from typing import Any, Literal, get_args
 
 import torch
+import typing_extensions
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
@@ -283,6 +284,7 @@ class EntropyConstraint(Regularizer):
         entropy = (view.entropy.detach() * view.mask).sum() / micro_tokens
         return Adjustment(loss_terms={"constraint": term}, metrics={"entropy": entropy})
 
+    @typing_extensions.override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -304,10 +306,12 @@ class EntropyConstraint(Regularizer):
         for key, value in (("lambda", self.multiplier), ("target", target), ("violation", violation)):
             pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
 
+    @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:
         multiplier = {"log_lambda": self._log_lambda} if self.log_space else {"lambda": self._lambda}
         return {**multiplier, "step": self.step, "initial_entropy": self.initial_entropy}
 
+    @typing_extensions.override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         key = "log_lambda" if self.log_space else "lambda"
         for name in (key, "step", "initial_entropy"):

@@ -249,6 +249,8 @@ class REPO(Regularizer):
         self.needs_minibatch_stats = variant == "D"
         # state: read by override/adjust, changed only in on_train_batch_end
         self.zeta = zeta_init
+        # The module calls override(view) then adjust(view) on the same view: the second reuses the first's result.
+        self._last: tuple[MinibatchView, float, tuple[Tensor, dict[str, Tensor | float]]] | None = None
         self.target: float | None = None
         self.iterations = 0
 
@@ -269,7 +271,14 @@ class REPO(Regularizer):
         )
 
     def _advantages(self, view: MinibatchView) -> tuple[Tensor, dict[str, Tensor | float]]:
-        """``A'`` of the micro-batch ``[n, T]`` and the variant's own metrics."""
+        """``A'`` of the micro-batch ``[n, T]`` and the variant's own metrics, computed once per view and zeta."""
+        if self._last is not None and self._last[0] is view and self._last[1] == self.zeta:
+            return self._last[2]
+        result = self._compute_advantages(view)
+        self._last = (view, self.zeta, result)
+        return result
+
+    def _compute_advantages(self, view: MinibatchView) -> tuple[Tensor, dict[str, Tensor | float]]:
         if self.variant == "R":
             advantages = repo_r_advantages(
                 view.advantages, view.logprobs, view.mask, self.zeta, self.logprob_floor
@@ -300,6 +309,7 @@ class REPO(Regularizer):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._last = None  # release the last micro-batch's tensors
         entropy = measured_entropy(outputs, self.name)
         if entropy is None:  # no kept token in this rollout: nothing measured
             return
