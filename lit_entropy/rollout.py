@@ -92,7 +92,6 @@ class Rollout:
             self.prompt_mask[index],
             self.completion_ids[index],
             self.completion_mask[index],
-            None if self.sampler_logprobs is None else self.sampler_logprobs[index],
         )
 
 
@@ -109,7 +108,6 @@ class SequenceBatch:
     completion_ids: Tensor  # [n, T']
     completion_mask: Tensor  # [n, T']
     completion_length: int  # T of the untrimmed rollout, to pad results back
-    sampler_logprobs: Tensor | None = None  # [n, T'] fp32, the rollout's sampler log-probs of these rows
 
     @classmethod
     def from_parts(
@@ -118,7 +116,6 @@ class SequenceBatch:
         prompt_mask: Tensor,
         completion_ids: Tensor,
         completion_mask: Tensor,
-        sampler_logprobs: Tensor | None = None,
     ) -> SequenceBatch:
         full_length = completion_ids.shape[1]
         # left padding: the first column any row uses; right padding: the last column any row uses
@@ -132,7 +129,6 @@ class SequenceBatch:
             completion_ids[:, :stop],
             completion_mask[:, :stop],
             full_length,
-            None if sampler_logprobs is None else sampler_logprobs[:, :stop],
         )
 
     def model_inputs(self) -> dict[str, Tensor]:

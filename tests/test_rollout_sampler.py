@@ -88,29 +88,6 @@ def test_record_logprobs_off_leaves_the_field_none(tiny_model, char_tokenizer):
     torch.manual_seed(0)
     rollout = generate_rollout(tiny_model, char_tokenizer, PROMPTS[:1], [{}], Sampling(2, 3), CPU)
     assert rollout.sampler_logprobs is None
-    assert rollout.select(torch.tensor([1])).sampler_logprobs is None
-
-
-def test_selected_rows_carry_sampler_logprobs_trimmed(tiny_model, char_tokenizer):
-    handle = _bias_eos(tiny_model, 1e4)  # every row ends at once: the trimmed batch is 1 column wide...
-    try:
-        torch.manual_seed(0)
-        rollout = generate_rollout(
-            tiny_model, char_tokenizer, PROMPTS[:2], [{}] * 2, Sampling(2, 6), CPU, record_logprobs=True
-        )
-    finally:
-        handle.remove()
-    # ...so hand-craft a longer rollout around it: rows with 1 and 3 real tokens out of 5 columns.
-    rollout.completion_ids = torch.tensor([[5, EOS, PAD, PAD, PAD], [5, 6, EOS, PAD, PAD]] * 2)
-    rollout.completion_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]] * 2).bool()
-    rollout.sampler_logprobs = torch.tensor([[-1.0, -2.0, 0, 0, 0], [-3.0, -4.0, -5.0, 0, 0]] * 2)
-
-    batch = rollout.select(torch.tensor([2]))  # only the short row: completion columns trimmed to 2
-    assert batch.completion_ids.shape == batch.sampler_logprobs.shape == (1, 2)
-    assert batch.sampler_logprobs.tolist() == [[-1.0, -2.0]]
-    assert batch.pad_to_rollout(batch.sampler_logprobs).tolist() == [[-1.0, -2.0, 0, 0, 0]]
-    batch = rollout.select(torch.tensor([3, 0]))  # rows in the order asked, trimmed to 3
-    assert batch.sampler_logprobs.tolist() == [[-3.0, -4.0, -5.0], [-1.0, -2.0, 0.0]]
 
 
 def test_generation_stops_once_every_row_has_ended(tiny_model, char_tokenizer):
