@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import (
     AdvantageMode,
+    AdvantageScale,
     KLEstimator,
     LossAggregation,
     aggregate_loss,
@@ -40,7 +42,7 @@ class Loss:
     """
 
     advantage: AdvantageMode = "grpo"
-    advantage_scale: str = "group"
+    advantage_scale: AdvantageScale = "group"
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
@@ -49,10 +51,24 @@ class Loss:
     aggregation: LossAggregation = "token-mean"
 
     def validate(self) -> None:
-        if self.advantage_scale not in ("group", "batch", "none"):
-            raise ConfigError(
-                f"loss.advantage_scale must be 'group', 'batch' or 'none', got {self.advantage_scale!r}"
-            )
+        """Check every option; the CLI checks the ``Literal`` choices while parsing, this also covers a `Loss`
+        built in Python.
+
+        Raises:
+            ConfigError: Naming the field, the allowed values and the value given.
+        """
+        for name, choices in (
+            ("advantage", AdvantageMode),
+            ("advantage_scale", AdvantageScale),
+            ("kl_estimator", KLEstimator),
+            ("aggregation", LossAggregation),
+        ):
+            value = getattr(self, name)
+            allowed = get_args(choices)
+            if value not in allowed:
+                raise ConfigError(
+                    f"loss.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                )
         if self.eps_low < 0 or self.eps_high < 0:
             raise ConfigError(
                 f"loss.eps_low and loss.eps_high must be >= 0, got {self.eps_low}, {self.eps_high}"

@@ -8,7 +8,6 @@ training step (or never, as with prompts silently cut by the model's context):
 
 - the rollout size ``N = data.batch_size * sampling.group_size`` is split exactly into mini-batches and
   those into micro-batches (`check_batch_sizes`);
-- the loss options are known names, also when the module was built from Python (`check_loss_choices`);
 - the tokenizer has an EOS token (completions must end) and a pad token (`check_special_tokens`),
   a chat template when ``chat_template=True`` (`check_chat_template`), and no ids past the model's
   embedding table (`check_vocabulary`);
@@ -27,17 +26,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 from lit_entropy.errors import ConfigError, DataError, ModelLoadError
-from lit_entropy.functional import AdvantageMode, KLEstimator, LossAggregation
 from lit_entropy.prompts import render_prompt
 
 __all__ = [
     "check_batch_sizes",
     "check_chat_template",
     "check_generation_budget",
-    "check_loss_choices",
     "check_prompt_lengths",
     "check_reward_fields",
     "check_special_tokens",
@@ -86,28 +83,6 @@ def check_batch_sizes(
             f"{'' if minibatch_size else ' (the whole rollout, minibatch_size is null)'}; use a divisor of "
             f"{minibatch} (e.g. {', '.join(map(str, _nearby_divisors(minibatch, microbatch)))}) or null"
         )
-
-
-def check_loss_choices(loss: Any) -> None:
-    """``loss.advantage``, ``loss.kl_estimator`` and ``loss.aggregation`` are known names.
-
-    The CLI checks these ``Literal`` types when it parses a config; a `Loss` built in Python is checked only
-    here (otherwise at the first training step).
-
-    Raises:
-        ConfigError: Naming the field, the allowed values and the value given.
-    """
-    for name, literal in (
-        ("advantage", AdvantageMode),
-        ("kl_estimator", KLEstimator),
-        ("aggregation", LossAggregation),
-    ):
-        value = getattr(loss, name, None)
-        allowed = get_args(literal)
-        if value not in allowed:
-            raise ConfigError(
-                f"model.loss.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
-            )
 
 
 def check_special_tokens(tokenizer: Any, where: str) -> None:
@@ -321,7 +296,6 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
         ConfigError, DataError, ModelLoadError: The first problem found, naming the field, file, row or value.
     """
     sampling = module.sampling
-    check_loss_choices(module.loss_config)
     batch_size = getattr(datamodule, "batch_size", None)
     if isinstance(batch_size, int) and batch_size > 0:
         check_batch_sizes(batch_size, sampling.group_size, module.minibatch_size, module.microbatch_size)

@@ -630,16 +630,20 @@ def _(ctx: Ctx) -> Expect:
 
 @case("loss-unknown-advantage")
 def _(ctx: Ctx) -> Expect:
-    module = grpo(ctx, loss=Loss(advantage="ppo"))  # type: ignore[arg-type]
-    return Expect(lambda: preflight(module, None), ConfigError, ["model.loss.advantage", "'grpo'", "'ppo'"])
+    loss = Loss(advantage="ppo")  # type: ignore[arg-type]
+    return Expect(lambda: grpo(ctx, loss=loss), ConfigError, ["loss.advantage", "'grpo'", "'ppo'"])
 
 
 @case("loss-unknown-aggregation")
 def _(ctx: Ctx) -> Expect:
-    module = grpo(ctx, loss=Loss(aggregation="mean"))  # type: ignore[arg-type]
-    return Expect(
-        lambda: preflight(module, None), ConfigError, ["model.loss.aggregation", "'token-mean'", "'mean'"]
-    )
+    loss = Loss(aggregation="mean")  # type: ignore[arg-type]
+    return Expect(lambda: grpo(ctx, loss=loss), ConfigError, ["loss.aggregation", "'token-mean'", "'mean'"])
+
+
+@case("loss-unknown-advantage-scale")
+def _(ctx: Ctx) -> Expect:
+    loss = Loss(advantage_scale="std")  # type: ignore[arg-type]
+    return Expect(loss.validate, ConfigError, ["loss.advantage_scale", "'group', 'batch', 'none'", "'std'"])
 
 
 @case("ppo-epochs-zero")
