@@ -176,15 +176,20 @@ def test_construction_errors_name_the_argument_and_value(kwargs, message):
         EntropyMonitor(**kwargs)
 
 
-def test_never_changes_the_loss_and_needs_nothing_extra():
-    from harness import make_view
+def test_is_a_plain_callback_that_the_module_never_asks_for_the_loss():
+    from lightning.pytorch import Callback
+
+    from lit_entropy.regularizer import Regularizer, find_regularizers
+    from lit_entropy.report import config_label
 
     monitor = EntropyMonitor()
-    assert not monitor.needs_minibatch_stats and not monitor.needs_entropy_grad and monitor.overrides == ()
-    view = make_view(torch.zeros(2, 3), torch.tensor([1.0, -1.0]))
-    assert monitor.adjust(view) is None
-    assert monitor.override(view) is None
+    assert isinstance(monitor, Callback) and not isinstance(monitor, Regularizer)
+    assert find_regularizers([monitor]) == []
+    # a run that only monitors is plain GRPO in reports
+    callbacks = [{"class_path": "lit_entropy.callbacks.EntropyMonitor"}]
+    assert config_label({"trainer": {"callbacks": callbacks}}) == "GRPO"
     assert monitor.state_dict() == {"previous_entropy": None, "previous_prediction": None, "pairs": []}
+    assert monitor.state_key == "EntropyMonitor[EntropyMonitor]"  # checkpoints of earlier versions still load
 
 
 # --- statistics ----------------------------------------------------------------------------------------

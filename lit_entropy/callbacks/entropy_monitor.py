@@ -1,7 +1,8 @@
 """`EntropyMonitor`: per-iteration statistics of the token entropy and of the covariance that drives it.
 
-Nothing here changes the loss: the monitor is a `Regularizer` only so that it sits with the others in the
-Trainer's callbacks; its ``adjust`` returns None. Once per RL iteration (``on_train_batch_end``) it reads the
+Nothing here changes the loss: the monitor is a plain Lightning `Callback` (like `CollapseGuard` and
+`EntropyLaw`), not a `Regularizer`, so the module never asks it for overrides or adjustments and a run that only
+monitors is labelled plain GRPO. Once per RL iteration (``on_train_batch_end``) it reads the
 detached ``[N, T]`` tensors that ``training_step`` returns (``token_entropy``, ``token_logprobs`` of the
 first epoch, ``token_advantages``, ``token_mask``) and logs, under ``monitor/``:
 
@@ -38,14 +39,13 @@ from typing import Any
 
 import torch
 import typing_extensions
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.aggregation import CatMetric
 
 from lit_entropy.callbacks.covariance import check_fraction, selection_count
 from lit_entropy.errors import ConfigError
-from lit_entropy.regularizer import Regularizer
 
 __all__ = [
     "TOKEN_OUTPUTS",
@@ -147,7 +147,7 @@ class TokenSums(Metric):
 # --- the callback --------------------------------------------------------------------------------------
 
 
-class EntropyMonitor(Regularizer):
+class EntropyMonitor(Callback):
     """Logs the token-entropy distribution, covariance statistics, and predicted vs observed entropy change.
 
     See the module docstring for every metric. Reads ``outputs[k]`` for ``k`` in `TOKEN_OUTPUTS` (``[N, T]``
@@ -166,7 +166,14 @@ class EntropyMonitor(Regularizer):
         max_tokens: most entropies per rank kept for the quantiles (an evenly spaced subsample beyond).
     """
 
-    needs_minibatch_stats = False
+    #: Used in error messages (the metrics are logged under ``monitor/``).
+    name = "EntropyMonitor"
+
+    @property
+    @typing_extensions.override
+    def state_key(self) -> str:
+        # The key under which checkpoints written while the monitor was a Regularizer hold its state.
+        return "EntropyMonitor[EntropyMonitor]"
 
     def __init__(
         self,
