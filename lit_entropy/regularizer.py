@@ -125,14 +125,19 @@ class Regularizer(Callback):
         overrides: the objective inputs this regularizer may replace (subset of ``advantages``, ``eps_low``,
             ``eps_high``); declared so that conflicts are found before training starts.
         needs_entropy_grad: the module must keep the graph through the entropy (costs memory).
+
+    Properties:
         needs_minibatch_stats: the module must provide the detached log-probs and entropy of the whole
-            mini-batch (an extra no-grad forward when the mini-batch is split into micro-batches). An instance
-            may set it (e.g. only for ``scope="batch"``); the module reads the instance attribute.
+            mini-batch (an extra no-grad forward when the mini-batch is split into micro-batches). False by
+            default; a subclass overrides the property when it needs them (e.g. only for ``scope="batch"``).
     """
 
     overrides: ClassVar[tuple[str, ...]] = ()
     needs_entropy_grad: ClassVar[bool] = False
-    needs_minibatch_stats: ClassVar[bool] = False
+
+    @property
+    def needs_minibatch_stats(self) -> bool:
+        return False
 
     @property
     def name(self) -> str:

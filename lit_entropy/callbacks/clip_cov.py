@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import typing_extensions
 from torch import Tensor
 from typing_extensions import override
 
@@ -131,8 +132,6 @@ class ClipCov(Regularizer):
     (mean covariance of the selected tokens, 0 if none), ``candidates`` (number of candidates in the scope).
     """
 
-    needs_minibatch_stats = True
-
     def __init__(
         self,
         ratio: float = 2e-4,
@@ -154,7 +153,11 @@ class ClipCov(Regularizer):
         self.seed = seed
         # Per instance: micro-batch scope needs no mini-batch statistics, so it spares the module the extra
         # no-grad forward over the mini-batch.
-        self.needs_minibatch_stats = scope == "batch"
+
+    @property
+    @typing_extensions.override
+    def needs_minibatch_stats(self) -> bool:
+        return self.scope == "batch"
 
     @override
     def adjust(self, view: MinibatchView) -> Adjustment:

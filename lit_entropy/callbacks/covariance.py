@@ -238,7 +238,7 @@ def token_scope(view: MinibatchView, scope: Scope, owner: str) -> TokenScope:
     if missing:
         raise ValueError(
             f"{owner}(scope='batch') needs the view's {missing}: the module fills them only when a "
-            "regularizer sets needs_minibatch_stats = True"
+            "regularizer's needs_minibatch_stats property is True"
         )
     (logprobs, old_logprobs, advantages, entropy, mask), offset = gather_rows(
         [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import typing_extensions
 from torch import Tensor
 from typing_extensions import override
 
@@ -87,15 +88,17 @@ class HighEntropyTokens(Regularizer):
     ``threshold`` (nats).
     """
 
-    needs_minibatch_stats = True
-
     def __init__(self, rho: float = 0.2, scope: Scope = "batch") -> None:
         check_fraction(self.name, "rho", rho)
         check_scope(self.name, scope)
         self.rho = rho
         self.scope = scope
         # Per instance: micro-batch scope needs no mini-batch statistics (spares an extra no-grad forward).
-        self.needs_minibatch_stats = scope == "batch"
+
+    @property
+    @typing_extensions.override
+    def needs_minibatch_stats(self) -> bool:
+        return self.scope == "batch"
 
     @override
     def adjust(self, view: MinibatchView) -> Adjustment:

@@ -116,7 +116,6 @@ class KLCov(Regularizer):
     """
 
     overrides = ("eps_low", "eps_high")
-    needs_minibatch_stats = True
 
     def __init__(self, ratio: float = 2e-3, kl_coef: float = 1.0, scope: Scope = "batch") -> None:
         check_fraction(self.name, "ratio", ratio)
@@ -127,8 +126,12 @@ class KLCov(Regularizer):
         self.kl_coef = kl_coef
         self.scope = scope
         # Per instance: micro-batch scope needs no mini-batch statistics (spares an extra no-grad forward).
-        self.needs_minibatch_stats = scope == "batch"
         self._warned_on_policy = False  # not checkpointed: a resumed run may warn again, which is harmless
+
+    @property
+    @typing_extensions.override
+    def needs_minibatch_stats(self) -> bool:
+        return self.scope == "batch"
 
     # `typing_extensions.override` in full: inside this class body the bare name is the method below
     @typing_extensions.override

@@ -246,13 +246,17 @@ class REPO(Regularizer):
         self.two_way = two_way
         self.logprob_floor = float(logprob_floor)
         # Only REPO-D reads the mini-batch tensors; an instance attribute spares REPO-R the extra forward.
-        self.needs_minibatch_stats = variant == "D"
         # state: read by override/adjust, changed only in on_train_batch_end
         self.zeta = zeta_init
         # The module calls override(view) then adjust(view) on the same view: the second reuses the first's result.
         self._last: tuple[MinibatchView, float, tuple[Tensor, dict[str, Tensor | float]]] | None = None
         self.target: float | None = None
         self.iterations = 0
+
+    @property
+    @typing_extensions.override
+    def needs_minibatch_stats(self) -> bool:
+        return self.variant == "D"
 
     # ---- the contract (pure)
 
