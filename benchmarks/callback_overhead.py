@@ -27,7 +27,7 @@ completion lengths) higher, which moves the wall time with no code cost at all.
     micro-batch is the whole mini-batch, as in the recipes). The generated-token ratio is the overhead of those
     callbacks, and it is noisy: a difference of a few percent needs several rounds on otherwise idle cores.
 (c) ``hook %``: wall seconds spent in C's own code per iteration (every ``on_*`` hook C overrides, plus the
-    regularizer contract's ``override``/``adjust``, which the module calls once per micro-batch), over the
+    regularizer contract's ``replace_inputs``/``adjust``, which the module calls once per micro-batch), over the
     median baseline iteration. It is direct and little affected by load, but a lower bound: it excludes what C makes
     the module do (gradients through C's loss terms, the entropy graph). For a callback that induces no module
     cost (no ``needs_entropy_grad``, no extra forward) it is the whole overhead.
@@ -112,7 +112,10 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "EntropyLaw": lambda: EntropyLaw(),
     "CollapseGuard": lambda: CollapseGuard(),
 }
-CONTRACT_METHODS = ("override", "adjust")  # what the module calls on a Regularizer for every micro-batch
+CONTRACT_METHODS = (
+    "replace_inputs",
+    "adjust",
+)  # what the module calls on a Regularizer for every micro-batch
 
 
 @dataclass
@@ -126,7 +129,7 @@ class HookClock:
 
 
 def instrument(callback: Callback, clock: HookClock) -> list[str]:
-    """Wrap every ``on_*`` hook ``callback`` overrides (and ``override``/``adjust`` of a Regularizer) with timing.
+    """Wrap every ``on_*`` hook ``callback`` overrides (and ``replace_inputs``/``adjust`` of a Regularizer) with timing.
 
     The wrappers are instance attributes, so Lightning (``getattr(callback, hook)``) and the module
     (``regularizer.adjust(view)``) call them; methods the class inherits unchanged are no-ops and stay as they are.

@@ -3,7 +3,7 @@
 A Lightning callback cannot change the loss by itself, so the module asks every `Regularizer` in the Trainer's
 callbacks, for every micro-batch of every optimizer mini-batch, two things:
 
-1. ``override(view)``: replacements for the objective's *inputs* (per-token advantages: REPO; clip range:
+1. ``replace_inputs(view)``: replacements for the objective's *inputs* (per-token advantages: REPO; clip range:
    ADAPO). Each input can be owned by at most one regularizer; two owners are an error naming both.
 2. ``adjust(view)``: *adjustments* that compose: per-token weights on the policy-gradient term (multiply:
    Clip-Cov, high-entropy tokens), per-token penalties (add: KL-Cov), scalar loss terms (add: entropy bonus,
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lit_entropy.errors import ConfigError
 
-OVERRIDABLE = ("advantages", "eps_low", "eps_high")
+REPLACEABLE = ("advantages", "eps_low", "eps_high")
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class MinibatchView:
         ref_logprobs: ``[n, T]`` log-probs under the reference (adapters off), or None when ``kl_coef == 0``.
         entropy: ``[n, T]`` fp32 full-vocabulary entropy in nats; has a gradient when a regularizer sets
             ``needs_entropy_grad``.
-        advantages: ``[n, T]`` per-token advantages (sequence advantage broadcast), before overrides.
+        advantages: ``[n, T]`` per-token advantages (sequence advantage broadcast), before any replacement.
         mask: ``[n, T]`` bool keep-mask of real completion tokens.
         num_tokens: scalar, kept tokens in the whole optimizer mini-batch (the token-mean normaliser).
         num_sequences: sequences in the whole optimizer mini-batch.
-        eps_low: lower clip range in force: the configured one in ``override``, the overridden one (if a
+        eps_low: lower clip range in force: the configured one in ``replace_inputs``, the replaced one (if a
             regularizer owns it) in ``adjust``.
         eps_high: upper clip range in force (same rule).
         iteration: RL iteration (0-based; one per training step).
@@ -88,7 +88,7 @@ class MinibatchView:
 
 
 @dataclass
-class Overrides:
+class Replacements:
     """Replacements for the objective's inputs; None leaves an input as it is."""
 
     advantages: Tensor | None = None  # [n, T]
@@ -96,7 +96,7 @@ class Overrides:
     eps_high: float | None = None
 
     def owned(self) -> list[str]:
-        return [name for name in OVERRIDABLE if getattr(self, name) is not None]
+        return [name for name in REPLACEABLE if getattr(self, name) is not None]
 
 
 @dataclass
@@ -119,10 +119,10 @@ class Adjustment:
 
 
 class Regularizer(Callback):
-    """Base class of entropy-control callbacks. Subclasses override ``override`` and/or ``adjust``.
+    """Base class of entropy-control callbacks. Subclasses implement ``replace_inputs`` and/or ``adjust``.
 
     Class attributes:
-        overrides: the objective inputs this regularizer may replace (subset of ``advantages``, ``eps_low``,
+        replaces: the objective inputs this regularizer may replace (subset of ``advantages``, ``eps_low``,
             ``eps_high``); declared so that conflicts are found before training starts.
         needs_entropy_grad: the module must keep the graph through the entropy (costs memory).
 
@@ -132,7 +132,7 @@ class Regularizer(Callback):
             default; a subclass overrides the property when it needs them (e.g. only for ``scope="batch"``).
     """
 
-    overrides: ClassVar[tuple[str, ...]] = ()
+    replaces: ClassVar[tuple[str, ...]] = ()
     needs_entropy_grad: ClassVar[bool] = False
 
     @property
@@ -148,7 +148,7 @@ class Regularizer(Callback):
     def state_key(self) -> str:
         return f"{type(self).__qualname__}[{self.name}]"
 
-    def override(self, view: MinibatchView) -> Overrides | None:
+    def replace_inputs(self, view: MinibatchView) -> Replacements | None:
         return None
 
     def adjust(self, view: MinibatchView) -> Adjustment | None:
@@ -176,14 +176,14 @@ def find_regularizers(callbacks: Iterable[Callback]) -> list[Regularizer]:
     regularizers = [callback for callback in callbacks if isinstance(callback, Regularizer)]
     owners: dict[str, str] = {}
     for regularizer in regularizers:
-        for name in regularizer.overrides:
-            if name not in OVERRIDABLE:
+        for name in regularizer.replaces:
+            if name not in REPLACEABLE:
                 raise ConfigError(
-                    f"{regularizer.name} declares an unknown override {name!r}; known: {OVERRIDABLE}"
+                    f"{regularizer.name} declares an unknown input to replace {name!r}; known: {REPLACEABLE}"
                 )
             if name in owners:
                 raise ConfigError(
-                    f"regularizers {owners[name]} and {regularizer.name} both override {name!r}; keep only one"
+                    f"regularizers {owners[name]} and {regularizer.name} both replace {name!r}; keep only one"
                 )
             owners[name] = regularizer.name
     return regularizers
@@ -203,28 +203,28 @@ class Combined:
 
 
 def combine(regularizers: Sequence[Regularizer], view: MinibatchView) -> Combined:
-    """Apply every regularizer's overrides, then collect and compose their adjustments.
+    """Apply every regularizer's replacements, then collect and compose their adjustments.
 
-    Overrides are applied first. Every regularizer's ``adjust`` then receives the same view (order independence),
-    with the clip range in force after the overrides; advantages stay the group advantages (a covariance or an
+    Replacements are applied first. Every regularizer's ``adjust`` then receives the same view (order independence),
+    with the clip range in force after the replacements; advantages stay the group advantages (a covariance or an
     entropy quantile is defined on them, not on another regularizer's reshaping).
     """
     advantages, eps_low, eps_high = view.advantages, view.eps_low, view.eps_high
     for regularizer in regularizers:
-        overrides = regularizer.override(view)
-        if overrides is None:
+        replaced = regularizer.replace_inputs(view)
+        if replaced is None:
             continue
-        undeclared = set(overrides.owned()) - set(regularizer.overrides)
+        undeclared = set(replaced.owned()) - set(regularizer.replaces)
         if undeclared:
             raise ConfigError(
-                f"{regularizer.name} overrode {sorted(undeclared)} without declaring it in `overrides`"
+                f"{regularizer.name} replaced {sorted(undeclared)} without declaring it in `replaces`"
             )
-        if overrides.advantages is not None:
-            advantages = overrides.advantages
-        if overrides.eps_low is not None:
-            eps_low = overrides.eps_low
-        if overrides.eps_high is not None:
-            eps_high = overrides.eps_high
+        if replaced.advantages is not None:
+            advantages = replaced.advantages
+        if replaced.eps_low is not None:
+            eps_low = replaced.eps_low
+        if replaced.eps_high is not None:
+            eps_high = replaced.eps_high
     weights: Tensor | None = None
     penalties: Tensor | None = None
     terms: dict[str, Tensor] = {}

@@ -22,7 +22,7 @@ from lit_entropy.regularizer import Regularizer, find_regularizers
 
 
 class OwnsEpsHigh(Regularizer):
-    overrides = ("eps_high",)
+    replaces = ("eps_high",)
 
 
 def _step(callback, entropy: float, module=None):
@@ -87,11 +87,11 @@ def test_override_is_the_state_and_pure():
     adapo.load_state_dict({"eps_high": 0.33, "initial_entropy": 1.0, "target": 0.9, "iterations": 5})
     view = make_view(torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]))
     before = adapo.state_dict()
-    overrides = adapo.override(view)
+    overrides = adapo.replace_inputs(view)
     assert adapo.adjust(view) is None
     assert adapo.state_dict() == before
     assert overrides.owned() == ["eps_high"] and overrides.eps_high == 0.33
-    assert ADAPO.overrides == ("eps_high",)
+    assert ADAPO.replaces == ("eps_high",)
 
 
 def test_the_loss_clips_at_the_adaptive_eps_high():
@@ -154,7 +154,7 @@ def test_state_dict_round_trip():
 
 
 def test_two_owners_of_eps_high_are_an_error_naming_both():
-    with pytest.raises(ConfigError, match=r"regularizers ADAPO and OwnsEpsHigh both override 'eps_high'"):
+    with pytest.raises(ConfigError, match=r"regularizers ADAPO and OwnsEpsHigh both replace 'eps_high'"):
         find_regularizers([ADAPO(), OwnsEpsHigh()])
 
 

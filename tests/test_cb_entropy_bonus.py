@@ -193,7 +193,7 @@ def test_adjust_does_not_change_state():
     before = adaptive.state_dict()
     for rows in (slice(0, 1), slice(1, 2), slice(0, 2)):
         adaptive.adjust(_toy_view(rows=rows))
-        assert adaptive.override(_toy_view(rows=rows)) is None
+        assert adaptive.replace_inputs(_toy_view(rows=rows)) is None
     assert adaptive.state_dict() == before
     static = EntropyBonus(coef=0.3)
     static.adjust(_toy_view())

@@ -323,7 +323,7 @@ def test_adjust_does_not_change_state():
     before = constraint.state_dict()
     for rows in (slice(0, 1), slice(1, 2), slice(0, 2)):
         constraint.adjust(_toy_view(rows=rows))
-        assert constraint.override(_toy_view(rows=rows)) is None
+        assert constraint.replace_inputs(_toy_view(rows=rows)) is None
     assert constraint.state_dict() == before
 
 

@@ -152,9 +152,9 @@ def test_disables_ppo_clipping():
 
 def test_conflicts_with_another_owner_of_the_clip_range():
     class AdaptiveClip(Regularizer):  # stands for ADAPO, which owns eps_high
-        overrides = ("eps_high",)
+        replaces = ("eps_high",)
 
-    with pytest.raises(ConfigError, match=r"regularizers KLCov and AdaptiveClip both override 'eps_high'"):
+    with pytest.raises(ConfigError, match=r"regularizers KLCov and AdaptiveClip both replace 'eps_high'"):
         find_regularizers([KLCov(), AdaptiveClip()])
 
 
@@ -209,7 +209,7 @@ def test_adjust_and_override_do_not_change_state():
     before, state_before = _state(callback), callback.state_dict()
     for update in range(3):
         view = make_view(LOGPROBS, ADVANTAGES, MASK, update=update, old_logprobs=LOGPROBS - 0.1)
-        callback.override(view)
+        callback.replace_inputs(view)
         callback.adjust(view)
     assert _state(callback) == before
     assert callback.state_dict() == state_before == {}

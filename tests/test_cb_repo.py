@@ -32,7 +32,7 @@ from lit_entropy.regularizer import Regularizer, combine, find_regularizers
 
 
 class OwnsAdvantages(Regularizer):
-    overrides = ("advantages",)
+    replaces = ("advantages",)
 
 
 def _step(callback, entropy: float, module=None):
@@ -147,7 +147,7 @@ def test_defaults_by_variant():
     r, d = REPO(), REPO(variant="D")
     assert (r.zeta, r.zeta_min, r.zeta_max) == (1e-3, 1e-4, 0.05)
     assert (d.zeta, d.zeta_min, d.zeta_max) == (1e-2, 1e-3, 10.0)
-    assert REPO.overrides == ("advantages",)
+    assert REPO.replaces == ("advantages",)
     # Only REPO-D needs the mini-batch statistics (REPO-R spares the extra forward).
     assert (r.needs_minibatch_stats, d.needs_minibatch_stats) == (False, True)
 
@@ -179,7 +179,7 @@ def test_override_and_adjust_r_by_hand_and_pure():
     repo = REPO(zeta_init=0.05)
     view = make_view(R_LOGPROBS.clone().requires_grad_(True), R_ADVANTAGES, mask=R_MASK)
     before = repo.state_dict()
-    overrides = repo.override(view)
+    overrides = repo.replace_inputs(view)
     adjustment = repo.adjust(view)
     assert repo.state_dict() == before
     assert overrides.owned() == ["advantages"]
@@ -201,25 +201,25 @@ def test_advantages_are_computed_once_per_microbatch(monkeypatch, variant):
     monkeypatch.setattr(repo_module, name, lambda *args: calls.append(1) or original(*args))
     repo = REPO(variant=variant)
     view = make_view(R_LOGPROBS.clone(), R_ADVANTAGES, mask=R_MASK)
-    first = repo.override(view).advantages
+    first = repo.replace_inputs(view).advantages
     repo.adjust(view)
     assert len(calls) == 1
     repo.zeta *= 2  # new state: computed again, with the new zeta
-    assert len(calls) == 1 and not torch.equal(repo.override(view).advantages, first)
+    assert len(calls) == 1 and not torch.equal(repo.replace_inputs(view).advantages, first)
     assert len(calls) == 2
-    repo.override(make_view(R_LOGPROBS.clone(), R_ADVANTAGES, mask=R_MASK))  # another micro-batch
+    repo.replace_inputs(make_view(R_LOGPROBS.clone(), R_ADVANTAGES, mask=R_MASK))  # another micro-batch
     assert len(calls) == 3
 
 
 def test_repo_d_uses_the_whole_minibatch_for_every_microbatch():
     repo = REPO(variant="D", zeta_init=0.1)
     full = make_view(D_LOGPROBS, D_ADVANTAGES, entropy=D_ENTROPY)
-    assert torch.allclose(repo.override(full).advantages, D_EXPECTED, atol=1e-6)
+    assert torch.allclose(repo.replace_inputs(full).advantages, D_EXPECTED, atol=1e-6)
     # Row 1 alone as a micro-batch: beta still comes from both rows (0.05). Over row 1 alone the covariance
     # would be 0 (A constant), which would leave A unchanged at -1.
     second = make_view(D_LOGPROBS, D_ADVANTAGES, entropy=D_ENTROPY, rows=slice(1, 2))
     before = repo.state_dict()
-    assert torch.allclose(repo.override(second).advantages, D_EXPECTED[1:], atol=1e-6)
+    assert torch.allclose(repo.replace_inputs(second).advantages, D_EXPECTED[1:], atol=1e-6)
     metrics = repo.adjust(second).metrics
     assert repo.state_dict() == before
     assert float(metrics["beta"]) == pytest.approx(0.05)
@@ -283,7 +283,7 @@ def test_repo_and_adapo_own_different_inputs():
 
 
 def test_repo_with_another_advantages_owner_is_an_error_naming_both(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"regularizers REPO and OwnsAdvantages both override 'advantages'"):
+    with pytest.raises(ConfigError, match=r"regularizers REPO and OwnsAdvantages both replace 'advantages'"):
         short_fit(tiny_model_dir, tmp_path, [REPO(), OwnsAdvantages()], iterations=1)
 
 

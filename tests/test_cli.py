@@ -81,7 +81,7 @@ def test_recipes_exist():
 
 
 def _recipe_overrides(recipe: dict, tiny_model_dir: Path) -> list[str]:
-    """Overrides that let a recipe written for another machine instantiate here (nothing else changes)."""
+    """Replacements that let a recipe written for another machine instantiate here (nothing else changes)."""
     overrides = []
     policy = (recipe.get("model") or {}).get("init_args", {}).get("policy") or {}
     path = policy.get("path")

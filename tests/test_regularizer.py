@@ -21,8 +21,8 @@ from lit_entropy.module import GRPO
 from lit_entropy.regularizer import (
     Adjustment,
     MinibatchView,
-    Overrides,
     Regularizer,
+    Replacements,
     combine,
     find_regularizers,
 )
@@ -39,24 +39,26 @@ def char_code_reward(completion: str, example: dict) -> float:
 
 
 class OwnsAdvantages(Regularizer):
-    overrides = ("advantages",)
+    replaces = ("advantages",)
 
 
 class AlsoOwnsAdvantages(Regularizer):
-    overrides = ("advantages",)
+    replaces = ("advantages",)
 
 
 class UndeclaredEpsHigh(Regularizer):
     """Returns an eps_high override without declaring it."""
 
-    def override(self, view):
-        return Overrides(eps_high=0.3)
+    def replace_inputs(self, view):
+        return Replacements(eps_high=0.3)
 
 
 class Fixed(Regularizer):
     """Returns fixed overrides / adjustments given at construction (a pure function of its state)."""
 
-    def __init__(self, overrides: Overrides | None = None, adjustment: Adjustment | None = None, name=None):
+    def __init__(
+        self, overrides: Replacements | None = None, adjustment: Adjustment | None = None, name=None
+    ):
         self._overrides = overrides
         self._adjustment = adjustment
         self._name = name
@@ -66,7 +68,7 @@ class Fixed(Regularizer):
     def name(self) -> str:
         return self._name or super().name
 
-    def override(self, view):
+    def replace_inputs(self, view):
         return self._overrides
 
     def adjust(self, view):
@@ -75,7 +77,7 @@ class Fixed(Regularizer):
 
 
 class FixedOwner(Fixed):
-    overrides = ("advantages", "eps_high")
+    replaces = ("advantages", "eps_high")
 
 
 def _view(**changes) -> MinibatchView:
@@ -105,9 +107,7 @@ def _view(**changes) -> MinibatchView:
 
 
 def test_two_owners_of_one_override_are_an_error_naming_both():
-    with pytest.raises(
-        ConfigError, match=r"OwnsAdvantages and AlsoOwnsAdvantages both override 'advantages'"
-    ):
+    with pytest.raises(ConfigError, match=r"OwnsAdvantages and AlsoOwnsAdvantages both replace 'advantages'"):
         find_regularizers([OwnsAdvantages(), Callback(), AlsoOwnsAdvantages()])
 
 
@@ -118,15 +118,17 @@ def test_find_regularizers_keeps_regularizers_only_in_order():
 
 def test_unknown_declared_override_is_an_error():
     class OwnsTemperature(Regularizer):
-        overrides = ("temperature",)
+        replaces = ("temperature",)
 
-    with pytest.raises(ConfigError, match=r"OwnsTemperature declares an unknown override 'temperature'"):
+    with pytest.raises(
+        ConfigError, match=r"OwnsTemperature declares an unknown input to replace 'temperature'"
+    ):
         find_regularizers([OwnsTemperature()])
 
 
 def test_undeclared_override_at_runtime_is_an_error():
     regularizers = find_regularizers([UndeclaredEpsHigh()])  # nothing declared: passes the static check
-    with pytest.raises(ConfigError, match=r"UndeclaredEpsHigh overrode \['eps_high'\] without declaring it"):
+    with pytest.raises(ConfigError, match=r"UndeclaredEpsHigh replaced \['eps_high'\] without declaring it"):
         combine(regularizers, _view())
 
 
@@ -164,7 +166,7 @@ def test_combine_is_independent_of_order():
         return torch.rand(2, 3, generator=generator)
 
     owner = FixedOwner(
-        overrides=Overrides(advantages=rand(), eps_high=0.28),
+        overrides=Replacements(advantages=rand(), eps_high=0.28),
         adjustment=Adjustment(rand(), rand(), {"a": torch.tensor(0.1)}, {"m": 1.0}),
     )
     other = Fixed(adjustment=Adjustment(rand(), rand(), {"a": torch.tensor(0.2)}, {"m": 2.0}), name="Other")
@@ -264,7 +266,7 @@ def test_advantage_and_clip_overrides_are_what_the_surrogate_sees():
     logprobs = (old + torch.tensor([[0.1, -0.4, 0.0], [0.1, -0.3, 0.25]])).requires_grad_(True)  # off-policy
     view = _view(logprobs=logprobs, old_logprobs=old)
     new_advantages = torch.tensor([[2.0, -1.0, 0.5], [0.7, -0.3, 1.5]])  # per-token, unlike the view's
-    owner = FixedOwner(overrides=Overrides(advantages=new_advantages, eps_high=0.05))
+    owner = FixedOwner(overrides=Replacements(advantages=new_advantages, eps_high=0.05))
     result = microbatch_loss(Loss(), view, [owner], max_length=3)
 
     expected_tokens, low, high = clipped_surrogate(logprobs, old, new_advantages, eps_low=0.2, eps_high=0.05)
@@ -290,7 +292,7 @@ class Recorder(Regularizer):
         self.batch_end_calls = 0
         self.views: list[MinibatchView] = []
 
-    def override(self, view):
+    def replace_inputs(self, view):
         # The state seen by every micro-batch of iteration i is the one left by iteration i - 1.
         assert self.iterations_seen == view.iteration
         self.override_calls += 1
@@ -371,7 +373,7 @@ class SeesClipRange(Regularizer):
 def test_adjustments_see_the_clip_range_in_force_after_overrides():
     # FixedOwner overrides eps_high to 0.5; the configured range is (0.2, 0.2)
     observer = SeesClipRange()
-    combined = combine([FixedOwner(overrides=Overrides(eps_high=0.5)), observer], _view())
+    combined = combine([FixedOwner(overrides=Replacements(eps_high=0.5)), observer], _view())
     assert combined.eps_high == 0.5
     assert observer.seen == [(0.2, 0.5)]
     observer.seen.clear()

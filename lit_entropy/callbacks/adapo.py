@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.regularizer import MinibatchView, Overrides, Regularizer, measured_entropy
+from lit_entropy.regularizer import MinibatchView, Regularizer, Replacements, measured_entropy
 
 __all__ = ["ADAPO", "entropy_target", "next_eps_high"]
 
@@ -90,7 +90,7 @@ class ADAPO(Regularizer):
     ``reg/ADAPO/target`` once per iteration.
     """
 
-    overrides = ("eps_high",)
+    replaces = ("eps_high",)
 
     def __init__(
         self,
@@ -126,17 +126,16 @@ class ADAPO(Regularizer):
         self.rate = float(rate)
         self.target_setting = None if target is None else float(target)
         self.relative = relative
-        # state: read by override, changed only in on_train_batch_end
+        # state: read by replace_inputs, changed only in on_train_batch_end
         self.eps_high = self.eps_high_init
         self.initial_entropy: float | None = None
         self.target: float | None = None
         self.iterations = 0
         self._warned_on_policy = False  # not state: a resumed run may warn again
 
-    # qualified: inside the class body the name `override` is the contract method, not the decorator
     @typing_extensions.override
-    def override(self, view: MinibatchView) -> Overrides:
-        return Overrides(eps_high=self.eps_high)
+    def replace_inputs(self, view: MinibatchView) -> Replacements:
+        return Replacements(eps_high=self.eps_high)
 
     @typing_extensions.override
     def on_train_batch_end(

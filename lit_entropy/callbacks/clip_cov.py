@@ -110,7 +110,7 @@ class ClipCov(Regularizer):
     depend on the micro-batch size and the GPU count, verl issue 7829), compute the token covariance
     ``cov_i = (lp_i - mean lp) * (A_i - mean A)`` over the kept tokens, take the kept tokens with
     ``cov_lb < cov_i < cov_ub`` whose PPO clip is not active (with the view's ``eps_low``/``eps_high``, i.e.
-    the configured range before any regularizer's override), and give ``max(floor(ratio * n), 1)`` of them
+    the range the surrogate uses, after a regularizer such as ADAPO replaced it), and give ``max(floor(ratio * n), 1)`` of them
     (all if fewer), chosen uniformly at random, token weight 0.
 
     The random choice comes from a ``torch.Generator`` seeded from ``(seed, iteration, update)`` (plus the

@@ -182,7 +182,7 @@ class TokenScope:
     Attributes:
         logprobs: ``[m, T]`` detached current log-probs.
         old_logprobs: ``[m, T]`` rollout-policy log-probs.
-        advantages: ``[m, T]`` per-token advantages (before overrides).
+        advantages: ``[m, T]`` per-token advantages (before any replacement).
         entropy: ``[m, T]`` detached entropy in nats.
         mask: ``[m, T]`` bool keep-mask.
         rows: the current micro-batch's rows inside the ``[m, T]`` tensors.

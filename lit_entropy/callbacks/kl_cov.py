@@ -29,7 +29,7 @@ from lit_entropy.callbacks.covariance import (
 )
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
-from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer
+from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, Replacements
 
 __all__ = ["KLCov", "KLCovSelection", "kl_cov_penalty", "kl_cov_selection"]
 
@@ -115,7 +115,7 @@ class KLCov(Regularizer):
     covariance of the selected tokens), ``selected_abs_log_ratio`` (mean ``|lp - old|`` over them, nats).
     """
 
-    overrides = ("eps_low", "eps_high")
+    replaces = ("eps_low", "eps_high")
 
     def __init__(self, ratio: float = 2e-3, kl_coef: float = 1.0, scope: Scope = "batch") -> None:
         check_fraction(self.name, "ratio", ratio)
@@ -135,8 +135,8 @@ class KLCov(Regularizer):
 
     # `typing_extensions.override` in full: inside this class body the bare name is the method below
     @typing_extensions.override
-    def override(self, view: MinibatchView) -> Overrides:
-        return Overrides(eps_low=1.0, eps_high=float("inf"))
+    def replace_inputs(self, view: MinibatchView) -> Replacements:
+        return Replacements(eps_low=1.0, eps_high=float("inf"))
 
     @typing_extensions.override
     def adjust(self, view: MinibatchView) -> Adjustment:

@@ -30,7 +30,7 @@ from torch import Tensor
 from lit_entropy.callbacks.covariance import token_covariance
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
-from lit_entropy.regularizer import Adjustment, MinibatchView, Overrides, Regularizer, measured_entropy
+from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, Replacements, measured_entropy
 
 Variant = Literal["R", "D"]
 
@@ -208,7 +208,7 @@ class REPO(Regularizer):
     ``|A' - A|`` over kept tokens), plus ``reg/REPO/beta`` and ``reg/REPO/entropy_change`` for REPO-D.
     """
 
-    overrides = ("advantages",)
+    replaces = ("advantages",)
 
     def __init__(
         self,
@@ -246,9 +246,9 @@ class REPO(Regularizer):
         self.two_way = two_way
         self.logprob_floor = float(logprob_floor)
         # Only REPO-D reads the mini-batch tensors; an instance attribute spares REPO-R the extra forward.
-        # state: read by override/adjust, changed only in on_train_batch_end
+        # state: read by replace_inputs/adjust, changed only in on_train_batch_end
         self.zeta = zeta_init
-        # The module calls override(view) then adjust(view) on the same view: the second reuses the first's result.
+        # The module calls replace_inputs(view) then adjust(view) on the same view: the second reuses the first's result.
         self._last: tuple[MinibatchView, float, tuple[Tensor, dict[str, Tensor | float]]] | None = None
         self.target: float | None = None
         self.iterations = 0
@@ -296,10 +296,9 @@ class REPO(Regularizer):
         )
         return advantages, {"beta": beta.detach(), "entropy_change": change.detach()}
 
-    # qualified: inside the class body the name `override` is the contract method, not the decorator
     @typing_extensions.override
-    def override(self, view: MinibatchView) -> Overrides:
-        return Overrides(advantages=self._advantages(view)[0])
+    def replace_inputs(self, view: MinibatchView) -> Replacements:
+        return Replacements(advantages=self._advantages(view)[0])
 
     @typing_extensions.override
     def adjust(self, view: MinibatchView) -> Adjustment:
