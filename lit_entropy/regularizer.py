@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError
@@ -143,6 +143,11 @@ class Regularizer(Callback):
     def name(self) -> str:
         """Metric namespace: ``reg/<name>/``."""
         return type(self).__name__
+
+    def log_state(self, pl_module: LightningModule, values: Mapping[str, float]) -> None:
+        """Log ``reg/<name>/<key>`` for each of ``values`` at this RL iteration (call from a Lightning hook)."""
+        for key, value in values.items():
+            pl_module.log(f"reg/{self.name}/{key}", float(value), on_step=True, on_epoch=False, batch_size=1)
 
     @property
     def state_key(self) -> str:

@@ -159,8 +159,7 @@ class ADAPO(Regularizer):
             self.eps_high, entropy, self.target, self.rate, self.eps_high_min, self.eps_high_max
         )
         self.iterations += 1
-        for key, value in (("eps_high", self.eps_high), ("target", self.target)):
-            pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.log_state(pl_module, {"eps_high": self.eps_high, "target": self.target})
 
     @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:

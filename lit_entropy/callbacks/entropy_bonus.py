@@ -99,7 +99,7 @@ class EntropyBonus(Regularizer):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        pl_module.log(f"reg/{self.name}/coef", self.coef, on_step=True, on_epoch=False, batch_size=1)
+        self.log_state(pl_module, {"coef": self.coef})
 
 
 class AdaptiveEntropyBonus(Regularizer):
@@ -186,8 +186,7 @@ class AdaptiveEntropyBonus(Regularizer):
             self.coef, measured, self.target, self.delta, self.coef_min, self.coef_max
         )
         self.active = measured < self.target
-        for key, value in (("coef", self.coef), ("active", float(self.active))):
-            pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.log_state(pl_module, {"coef": self.coef, "active": float(self.active)})
 
     @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:

@@ -303,8 +303,7 @@ class EntropyConstraint(Regularizer):
         else:
             self._lambda = dual_ascent_step(self._lambda, violation, self.lr_lambda, self.lambda_max)
         self.step += 1
-        for key, value in (("lambda", self.multiplier), ("target", target), ("violation", violation)):
-            pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.log_state(pl_module, {"lambda": self.multiplier, "target": target, "violation": violation})
 
     @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:

@@ -320,8 +320,7 @@ class REPO(Regularizer):
             self.target = entropy
         self.zeta = next_zeta(self.zeta, entropy, self.target, self.zeta_min, self.zeta_max, self.two_way)
         self.iterations += 1
-        for key, value in (("zeta", self.zeta), ("target", self.target)):
-            pl_module.log(f"reg/{self.name}/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.log_state(pl_module, {"zeta": self.zeta, "target": self.target})
 
     @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:
