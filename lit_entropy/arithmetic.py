@@ -19,10 +19,9 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lit_entropy.data import _VAL_SEED_OFFSET, PromptDataModule, Row
+from lit_entropy.data import _VAL_SEED_OFFSET, GeneratedDataModule, Row
 from lit_entropy.errors import ConfigError
 
 __all__ = ["ArithmeticDataModule", "apply_operation", "generate_arithmetic_examples"]
@@ -123,7 +122,7 @@ def generate_arithmetic_examples(
     return rows
 
 
-class ArithmeticDataModule(PromptDataModule):
+class ArithmeticDataModule(GeneratedDataModule):
     """Arithmetic questions (see :func:`generate_arithmetic_examples`), generated in code, no files.
 
     Rows are ``{"prompt", "answer", "a", "op", "b"}``. Validation rows come from a separate seed
@@ -161,21 +160,9 @@ class ArithmeticDataModule(PromptDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            num_workers=num_workers,
-        )
-        if num_train < 1:
-            raise ConfigError(f"num_train must be >= 1, got {num_train}")
-        if num_val < 0:
-            raise ConfigError(f"num_val must be >= 0, got {num_val}")
+        super().__init__(num_train, num_val, batch_size, val_batch_size, seed, shuffle, num_workers)
         self.operations: list[Operation] = list(operations) if operations is not None else ["+"]
         _validate_settings(self.operations, min_operand, max_operand, template)
-        self.num_train = num_train
-        self.num_val = num_val
         self.min_operand = min_operand
         self.max_operand = max_operand
         self.allow_negative = allow_negative
@@ -210,16 +197,3 @@ class ArithmeticDataModule(PromptDataModule):
         self.val_sources = [f"arithmetic val row {i}" for i in kept]
         self.train_rows = self._generate(self.num_train, self.seed, exclude=seen)
         self.train_sources = [f"arithmetic train row {i}" for i in range(len(self.train_rows))]
-
-    @override
-    def _setup_validate(self) -> None:
-        # Removing train/val overlap needs the training rows, which are cheap to generate.
-        self._setup_fit()
-
-    @override
-    def _describe_train(self) -> str:
-        return f"num_train={self.num_train}"
-
-    @override
-    def test_dataloader(self) -> DataLoader[Row]:
-        raise ConfigError("ArithmeticDataModule has no test split: evaluate with `validate` (num_val rows)")

@@ -434,7 +434,64 @@ class PromptDataModule(LightningDataModule):
         return self._eval_loader(self.test_rows)
 
 
-class CountdownDataModule(PromptDataModule):
+class GeneratedDataModule(PromptDataModule):
+    """Base of the tasks whose prompts are generated in code from a seed (no files).
+
+    Subclasses implement ``_setup_fit`` (filling ``train_rows`` / ``val_rows`` and their sources); validation
+    needs the training rows too (to hold validation questions out of training), and there is no test split.
+
+    Args:
+        num_train: Training rows to generate (>= 1).
+        num_val: Validation rows to generate (>= 0; 0 for none).
+        batch_size: Prompts per RL iteration (B).
+        val_batch_size: Prompts per validation batch; default ``batch_size``.
+        seed: Seed of the rows and of their order.
+        shuffle: Shuffle training prompts.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        ConfigError: ``num_train < 1`` or ``num_val < 0``.
+    """
+
+    def __init__(
+        self,
+        num_train: int,
+        num_val: int,
+        batch_size: int,
+        val_batch_size: int | None,
+        seed: int,
+        shuffle: bool,
+        num_workers: int,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            num_workers=num_workers,
+        )
+        if num_train < 1:
+            raise ConfigError(f"num_train must be >= 1, got {num_train}")
+        if num_val < 0:
+            raise ConfigError(f"num_val must be >= 0, got {num_val}")
+        self.num_train = num_train
+        self.num_val = num_val
+
+    @override
+    def _setup_validate(self) -> None:
+        # Holding validation questions out of training needs the training rows, which are cheap to generate.
+        self._setup_fit()
+
+    @override
+    def _describe_train(self) -> str:
+        return f"num_train={self.num_train}"
+
+    @override
+    def test_dataloader(self) -> DataLoader[Row]:
+        raise ConfigError(f"{type(self).__name__} has no test split: evaluate with `validate` (num_val rows)")
+
+
+class CountdownDataModule(GeneratedDataModule):
     """The embedded Countdown task (see :mod:`lit_entropy.countdown`), generated in code, no files.
 
     Rows are ``{"prompt", "answer", "numbers", "solution"}``. Validation rows come from a separate seed
@@ -469,19 +526,7 @@ class CountdownDataModule(PromptDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            num_workers=num_workers,
-        )
-        if num_train < 1:
-            raise ConfigError(f"num_train must be >= 1, got {num_train}")
-        if num_val < 0:
-            raise ConfigError(f"num_val must be >= 0, got {num_val}")
-        self.num_train = num_train
-        self.num_val = num_val
+        super().__init__(num_train, num_val, batch_size, val_batch_size, seed, shuffle, num_workers)
         self.num_numbers = num_numbers
         self.max_number = max_number
         self.min_terms = min_terms
@@ -508,16 +553,3 @@ class CountdownDataModule(PromptDataModule):
         kept = [i for i, row in enumerate(val) if row["prompt"] not in train_prompts]
         self.val_rows = [val[i] for i in kept]
         self.val_sources = [f"countdown val row {i}" for i in kept]
-
-    @override
-    def _setup_validate(self) -> None:
-        # Removing train/val overlap needs the training rows, which are cheap to generate.
-        self._setup_fit()
-
-    @override
-    def _describe_train(self) -> str:
-        return f"num_train={self.num_train}"
-
-    @override
-    def test_dataloader(self) -> DataLoader[Row]:
-        raise ConfigError("CountdownDataModule has no test split: evaluate with `validate` (num_val rows)")
