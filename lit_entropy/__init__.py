@@ -7,7 +7,7 @@ from lit_entropy.errors import ConfigError, DataError, LitEntropyError, ModelLoa
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
-from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, Replacements
+from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView, Regularizer, Replacements
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Rollout, Sampling
 from lit_entropy.sft import SFT
@@ -23,6 +23,7 @@ __all__ = [
     "CountdownDataModule",
     "DataError",
     "EmbeddedModel",
+    "IterationOutputs",
     "LitEntropyError",
     "LoRA",
     "Loss",

@@ -49,7 +49,7 @@ from lit_entropy.model import (
 )
 from lit_entropy.preflight import preflight
 from lit_entropy.prompts import render_prompt
-from lit_entropy.regularizer import MinibatchView, Regularizer, find_regularizers
+from lit_entropy.regularizer import IterationOutputs, MinibatchView, Regularizer, find_regularizers
 from lit_entropy.rewards import Reward, RewardScorer
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
@@ -366,7 +366,7 @@ class GRPO(LightningModule):
             self.policy.train(was_training)
 
     @override
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> IterationOutputs:
         started = time.perf_counter()
         # batch_idx restarts every pass over the prompts; the fit loop's total count survives epochs and resume
         iteration = self.trainer.fit_loop.total_batch_idx
@@ -473,16 +473,17 @@ class GRPO(LightningModule):
         stats = self._log_iteration(rollout, scores, rewards, sums, updates, elapsed, group)
         if torch.isfinite(entropy_mean):  # a rollout without kept tokens has no mean entropy
             self._history.append((float(stats["rollout/reward_mean"]), float(entropy_mean)))
-        return {
-            "entropy": entropy_mean.detach(),
-            "reward": stats["rollout/reward_mean"],
+        return IterationOutputs(
+            entropy=entropy_mean.detach(),
+            reward=stats["rollout/reward_mean"],
+            updates=stats["train/updates"],
             # per-token tensors of the rollout (first epoch: the policy that sampled it), for monitors
-            "token_entropy": first_epoch_entropy,
-            "token_logprobs": first_epoch_logprobs,
-            "token_advantages": token_advantages,
-            "token_mask": mask,
-            **stats,
-        }
+            token_entropy=first_epoch_entropy,
+            token_logprobs=first_epoch_logprobs,
+            token_advantages=token_advantages,
+            token_mask=mask,
+            metrics=stats,
+        )
 
     @torch.no_grad()
     def _minibatch_stats(self, rollout: Rollout, rows: Tensor, microbatch: int) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -158,6 +158,44 @@ class Regularizer(Callback):
 
     def adjust(self, view: MinibatchView) -> Adjustment | None:
         return None
+
+
+class IterationOutputs(TypedDict):
+    """What `lit_entropy.GRPO.training_step` returns for one RL iteration: the input of every callback's
+    ``on_train_batch_end``. Scalars are 0-dim float32 tensors, the same on every rank.
+
+    Attributes:
+        entropy: the rollout's mean token entropy over its kept tokens, nats (NaN without a kept token).
+        reward: the rollout's mean reward.
+        updates: optimizer updates made for this rollout (``ppo_epochs * N / minibatch_size``; 1 means fully
+            on-policy, every importance ratio exactly 1).
+        token_entropy: ``[N, T]`` token entropy of the first epoch (the policy that sampled the rollout).
+        token_logprobs: ``[N, T]`` log-probs of the sampled tokens, first epoch.
+        token_advantages: ``[N, T]`` per-token advantages (before any regularizer's replacement).
+        token_mask: ``[N, T]`` keep-mask of the completion tokens.
+        metrics: every statistic the iteration logged, by metric name (``rollout/...``, ``train/...``,
+            ``reg/<name>/...``), each a 0-dim tensor.
+    """
+
+    entropy: Tensor
+    reward: Tensor
+    updates: Tensor
+    token_entropy: Tensor
+    token_logprobs: Tensor
+    token_advantages: Tensor
+    token_mask: Tensor
+    metrics: dict[str, Tensor]
+
+
+#: The scalar fields of `IterationOutputs` (besides ``metrics``).
+SCALAR_OUTPUTS = ("entropy", "reward", "updates")
+
+
+def scalar_outputs(outputs: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar fields of an `IterationOutputs` and every one of its ``metrics``, as floats, in one dict."""
+    values = {key: float(outputs[key]) for key in SCALAR_OUTPUTS if key in outputs}
+    values.update({key: float(value) for key, value in outputs.get("metrics", {}).items()})
+    return values
 
 
 def measured_entropy(outputs: Any, name: str) -> float | None:

@@ -35,6 +35,7 @@ from lit_entropy.data import PromptDataModule  # noqa: E402
 from lit_entropy.distributed import FSDP2  # noqa: E402
 from lit_entropy.loss import Loss  # noqa: E402
 from lit_entropy.prompts import render_prompt  # noqa: E402
+from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rollout import Rollout, completion_keep_mask  # noqa: E402
 
 ALPHABET = "0123456789+-*= "
@@ -92,7 +93,7 @@ class Record(Callback):
         self.steps: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: float(v) for k, v in outputs.items() if torch.as_tensor(v).numel() == 1})
+        self.steps.append(scalar_outputs(outputs))
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lit_entropy.data import CountdownDataModule  # noqa: E402
 from lit_entropy.model import LoRA, Policy  # noqa: E402
 from lit_entropy.module import GRPO  # noqa: E402
+from lit_entropy.regularizer import scalar_outputs  # noqa: E402
 from lit_entropy.rewards import Reward  # noqa: E402
 from lit_entropy.rollout import Sampling  # noqa: E402
 
@@ -70,11 +71,7 @@ class Record(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: GRPO, outputs, batch, batch_idx: int) -> None:
         weights = lora_weights(pl_module).values()
-        stats = {
-            key: float(value)
-            for key, value in outputs.items()
-            if torch.as_tensor(value).numel() == 1 and key not in TIMING_KEYS
-        }
+        stats = {key: value for key, value in scalar_outputs(outputs).items() if key not in TIMING_KEYS}
         self._append(
             {
                 "event": "iteration",

@@ -34,6 +34,7 @@ from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, load_policy
 from lit_entropy.module import GRPO
 from lit_entropy.preflight import check_special_tokens, check_vocabulary, preflight
+from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rewards import Reward, RewardScorer, RewardTimeoutError
 from lit_entropy.rollout import Sampling
 
@@ -871,7 +872,7 @@ class _Outputs(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.outputs.append(
-            {key: float(value) for key, value in outputs.items() if key.startswith("rollout/")}
+            {key: value for key, value in scalar_outputs(outputs).items() if key.startswith("rollout/")}
         )
 
 

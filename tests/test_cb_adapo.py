@@ -26,7 +26,13 @@ class OwnsEpsHigh(Regularizer):
 
 
 def _step(callback, entropy: float, module=None):
-    callback.on_train_batch_end(None, module or LogRecorder(), {"entropy": torch.tensor(entropy)}, None, 0)
+    callback.on_train_batch_end(
+        None,
+        module or LogRecorder(),
+        {"entropy": torch.tensor(entropy), "updates": torch.tensor(2.0)},
+        None,
+        0,
+    )
 
 
 def _replay(eps_high: float, entropies: list[float], target: float) -> float:
@@ -221,12 +227,12 @@ def test_adapo_warns_once_when_fully_on_policy():
 
     with pytest.warns(UserWarning, match="one optimizer update per rollout"):
         adapo.on_train_batch_end(
-            None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 0
+            None, Module(), {"entropy": torch.tensor(1.0), "updates": torch.tensor(1.0)}, None, 0
         )
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapo.on_train_batch_end(
-            None, Module(), {"entropy": torch.tensor(1.0), "train/updates": 1.0}, None, 1
+            None, Module(), {"entropy": torch.tensor(1.0), "updates": torch.tensor(1.0)}, None, 1
         )

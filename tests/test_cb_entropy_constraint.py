@@ -30,7 +30,7 @@ from lit_entropy.errors import ConfigError
 
 
 def _end_iteration(callback: Callback, module: FakeModule, entropy: float) -> None:
-    outputs = {"entropy": torch.tensor(entropy), "train/updates": torch.tensor(1.0)}
+    outputs = {"entropy": torch.tensor(entropy), "updates": torch.tensor(1.0)}
     callback.on_train_batch_end(None, module, outputs, batch=[], batch_idx=0)
 
 
@@ -376,7 +376,7 @@ class Probe(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.entropies.append(float(outputs["entropy"]))
-        self.updates.append(float(outputs["train/updates"]))
+        self.updates.append(float(outputs["updates"]))
 
 
 def test_fit_updates_state_once_per_iteration_and_logs(tiny_model_dir, tmp_path):

@@ -256,7 +256,7 @@ def test_missing_accuracy_or_entropy_key_names_the_key():
 
 def test_entropy_key_reads_any_output_metric():
     callback, trainer = EntropyLaw(entropy_key="reg/X/entropy"), fake_trainer()
-    outputs = {"entropy": torch.tensor(9.0), "reg/X/entropy": torch.tensor(0.25)}
+    outputs = {"entropy": torch.tensor(9.0), "metrics": {"reg/X/entropy": torch.tensor(0.25)}}
     callback.on_train_batch_end(trainer, None, outputs, [], 0)
     validate(callback, trainer, 0.5)
     assert callback.points[0].entropy == pytest.approx(0.25)

@@ -22,6 +22,7 @@ from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
+from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Sampling
 
@@ -101,7 +102,7 @@ class Snapshot(Callback):
         self.optimizer_steps_at_start = [int(s["step"]) for s in state.values()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append({key: float(value) for key, value in outputs.items() if value.numel() == 1})
+        self.outputs.append(scalar_outputs(outputs))
 
 
 class CountCalls:

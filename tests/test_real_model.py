@@ -23,6 +23,7 @@ from lit_entropy.module import GRPO
 from lit_entropy.pretrained import DEFAULT_DIR, gguf_file_of, prepare
 from lit_entropy.prompts import render_prompt
 from lit_entropy.quantization import is_cpu_repacked
+from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Sampling
 
@@ -94,9 +95,7 @@ class _Start(Callback):
         self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append(
-            {k: float(v) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
-        )
+        self.outputs.append(scalar_outputs(outputs))
 
 
 def _one_iteration(tmp_path: Path, policy: Policy) -> tuple[GRPO, _Start]:

@@ -38,7 +38,7 @@ from lit_entropy.data import CountdownDataModule
 from lit_entropy.errors import LitEntropyError
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
-from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer
+from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, scalar_outputs
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Sampling
 
@@ -340,7 +340,7 @@ class Snapshots(Callback):
         self.initial = reliability_fit.lora_weights(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append({k: float(v) for k, v in outputs.items() if torch.as_tensor(v).numel() == 1})
+        self.outputs.append(scalar_outputs(outputs))
         self.weights.append(reliability_fit.lora_weights(pl_module))
 
 

@@ -144,7 +144,7 @@ class ADAPO(Regularizer):
         entropy = measured_entropy(outputs, self.name)
         if entropy is None:  # no kept token in this rollout: nothing measured
             return
-        if not self._warned_on_policy and float(outputs.get("train/updates", 2)) == 1:
+        if not self._warned_on_policy and float(outputs["updates"]) == 1:
             # every ratio is exactly 1 with one update per rollout: no clip range, adapted or not, is ever active
             rank_zero_warn(
                 f"{self.name} has no effect with one optimizer update per rollout (fully on-policy, ratio == 1): "

@@ -142,7 +142,7 @@ class LawPoint:
 class EntropyLaw(Callback):
     """Fits ``R = -a * exp(H) + b`` from (training entropy, validation accuracy) pairs as the run goes.
 
-    Every RL iteration, ``on_train_batch_end`` adds the iteration's entropy (``outputs[entropy_key]``; for the
+    Every RL iteration, ``on_train_batch_end`` adds the iteration's entropy (``outputs["metrics"][entropy_key]``; for the
     default ``"train/entropy"``, GRPO returns it as ``outputs["entropy"]``, already synchronised across ranks)
     to a running mean. At every validation of ``fit`` (not the sanity check), ``on_validation_end`` pairs
     ``trainer.callback_metrics[accuracy_key]`` with that mean and resets it; a validation with no training
@@ -277,12 +277,16 @@ class EntropyLaw(Callback):
 
     def _read_entropy(self, outputs: Any) -> float:
         if isinstance(outputs, Mapping):
-            if self.entropy_key in outputs:
-                return float(outputs[self.entropy_key])
-            # GRPO returns its train/entropy under the short key (the regularizer contract)
+            metrics = outputs.get("metrics", {})
+            if self.entropy_key in metrics:
+                return float(metrics[self.entropy_key])
+            # GRPO returns its train/entropy as the `entropy` field of IterationOutputs
             if self.entropy_key == "train/entropy" and "entropy" in outputs:
                 return float(outputs["entropy"])
-        keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+        if isinstance(outputs, Mapping):
+            keys = sorted({*outputs, *outputs.get("metrics", {})} - {"metrics"})
+        else:
+            keys = type(outputs).__name__
         raise ConfigError(
             f"EntropyLaw entropy_key={self.entropy_key!r} is not in training_step's outputs, got {keys}"
         )

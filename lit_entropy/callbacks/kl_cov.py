@@ -156,7 +156,7 @@ class KLCov(Regularizer):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._warned_on_policy or float(outputs["train/updates"]) != 1:
+        if self._warned_on_policy or float(outputs["updates"]) != 1:
             return
         self._warned_on_policy = True
         rank_zero_warn(
