@@ -1,5 +1,9 @@
 """Exceptions that carry a user-facing message naming the field, file or value at fault."""
 
+from __future__ import annotations
+
+from typing import get_args
+
 
 class LitEntropyError(Exception):
     """Base class: the CLI prints these as one line (``lit-entropy: error: ...``) and exits 2."""
@@ -23,3 +27,10 @@ def one_line(error: BaseException | str) -> str:
     Library messages (transformers, datasets) span lines; the CLI prints each error as one line.
     """
     return " ".join(str(error).split())
+
+
+def check_choice(name: str, value: object, choices: object) -> None:
+    """Raise ConfigError naming ``name`` when ``value`` is not one of the ``Literal`` ``choices``."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
 
 from torch import Tensor
 
-from lit_entropy.errors import ConfigError
+from lit_entropy.errors import ConfigError, check_choice
 from lit_entropy.functional import (
     AdvantageMode,
     AdvantageScale,
@@ -63,12 +62,7 @@ class Loss:
             ("kl_estimator", KLEstimator),
             ("aggregation", LossAggregation),
         ):
-            value = getattr(self, name)
-            allowed = get_args(choices)
-            if value not in allowed:
-                raise ConfigError(
-                    f"loss.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
-                )
+            check_choice(f"loss.{name}", getattr(self, name), choices)
         if self.eps_low < 0 or self.eps_high < 0:
             raise ConfigError(
                 f"loss.eps_low and loss.eps_high must be >= 0, got {self.eps_low}, {self.eps_high}"

@@ -15,13 +15,13 @@ import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_entropy.embedded import EmbeddedModel
-from lit_entropy.errors import ConfigError, ModelLoadError, one_line
+from lit_entropy.errors import ConfigError, ModelLoadError, check_choice, one_line
 from lit_entropy.quantization import (
     DType,
     Quantization,
@@ -128,7 +128,7 @@ class Policy:
             raise ModelLoadError(
                 f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
             )
-        _check_choice("policy.dtype", self.dtype, DType)
+        check_choice("policy.dtype", self.dtype, DType)
 
         for name in ("gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
@@ -154,8 +154,8 @@ class Policy:
                 )
 
         if self.quantization is not None:
-            _check_choice("policy.quantization.quant_type", self.quantization.quant_type, QuantType)
-            _check_choice("policy.quantization.compute_dtype", self.quantization.compute_dtype, DType)
+            check_choice("policy.quantization.quant_type", self.quantization.quant_type, QuantType)
+            check_choice("policy.quantization.compute_dtype", self.quantization.compute_dtype, DType)
             if self.lora is None:
                 raise ConfigError(
                     "policy.quantization needs policy.lora: 4-bit weights cannot be trained, only adapters "
@@ -207,22 +207,6 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> None:
     )
 
 
-def _check_choice(name: str, value: object, choices: object) -> None:
-    """Raise ConfigError naming ``name`` when ``value`` is not one of the ``Literal`` ``choices``."""
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _require_gguf() -> None:
-    try:
-        import gguf  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(
-            "policy.path is a GGUF file, which needs the gguf package: pip install 'lit-entropy[gguf]'"
-        ) from err
-
-
 def load_policy(
     policy: Policy, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -258,6 +242,10 @@ def load_policy(
     # A GGUF file carries its own tokenizer and config; transformers reads both from the file's folder.
     gguf = Path(policy.path) if Path(policy.path).suffix == ".gguf" else None
     model_source = str(gguf.parent) if gguf is not None else policy.path
+    if gguf is not None:
+        from lit_entropy.pretrained import require_gguf
+
+        require_gguf()  # before the tokenizer, which is read from the file too
     if policy.tokenizer_path is None and gguf is not None:
         tokenizer = load_tokenizer(model_source, trust_remote_code=False, gguf_file=gguf.name)
     else:
@@ -268,7 +256,6 @@ def load_policy(
     kwargs: dict = {"dtype": getattr(torch, policy.dtype), "trust_remote_code": policy.trust_remote_code}
     quantized = policy.quantization is not None
     if gguf is not None:
-        _require_gguf()
         kwargs["gguf_file"] = gguf.name  # dequantized to ``policy.dtype`` while loading
     if policy.quantization is not None:
         kwargs["quantization_config"] = bits_and_bytes_config(policy.quantization)

