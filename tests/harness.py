@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lit_entropy.data import CountdownDataModule
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
-from lit_entropy.regularizer import MinibatchView
+from lit_entropy.regularizer import MinibatchView, scalar_outputs
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Sampling
 
@@ -72,6 +72,37 @@ def make_view(
     )
 
 
+def quiet_trainer(tmp_path: Path, max_steps: int, **overrides: Any) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or validation (``overrides`` change any)."""
+    arguments: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    arguments.update(overrides)
+    return Trainer(**arguments)
+
+
+class WeightsAtStart(Callback):
+    """The trainable weights when training starts and every iteration's scalar outputs (`scalar_outputs`)."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] = {}
+        self.outputs: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append(scalar_outputs(outputs))
+
+
 def short_fit(
     tiny_model_dir: Path,
     tmp_path: Path,
@@ -97,17 +128,8 @@ def short_fit(
     kwargs.update(grpo_kwargs)
     module = GRPO(**kwargs)
     updates = module.ppo_epochs * (8 // (module.minibatch_size or 8))  # N = 2 prompts x 4 completions
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=iterations * updates,
-        logger=False,
-        enable_checkpointing=checkpoint,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
+    trainer = quiet_trainer(
+        tmp_path, iterations * updates, enable_checkpointing=checkpoint, callbacks=callbacks
     )
     trainer.fit(module, CountdownDataModule(batch_size=2, num_train=32, num_val=4), ckpt_path=ckpt_path)
     return trainer, module

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import seed_everything
 
 from lit_entropy.errors import ModelLoadError
 from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, load_policy
@@ -98,7 +98,7 @@ def test_a_layer_repacked_before_the_guard_is_refused():
 @CAPABILITY
 def test_qlora_fit_at_a_repackable_width(tmp_path, monkeypatch, avx512bf16):
     # 128 wide: wide enough for bitsandbytes' repack; a fit with validation (eval-mode generation) on either CPU.
-    from lightning.pytorch import Trainer
+    from harness import WeightsAtStart, quiet_trainer
 
     from lit_entropy.data import CountdownDataModule
     from lit_entropy.module import GRPO
@@ -123,27 +123,12 @@ def test_qlora_fit_at_a_repackable_width(tmp_path, monkeypatch, avx512bf16):
         learning_rate=1e-2,
         adapter_dir=str(tmp_path / "adapter"),
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,  # validation generates in eval mode without grad: where bitsandbytes repacks
-        val_check_interval=1,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    start: dict[str, torch.Tensor] = {}
-
-    class Start(Callback):
-        def on_train_start(self, trainer, pl_module):
-            start.update({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
-
-    trainer.callbacks.append(Start())
+    recorder = WeightsAtStart()
+    # validation generates in eval mode without grad: where bitsandbytes repacks
+    trainer = quiet_trainer(tmp_path, 2, limit_val_batches=1, val_check_interval=1, callbacks=[recorder])
     trainer.fit(module, CountdownDataModule(batch_size=1, num_train=8, num_val=2))
     assert trainer.global_step == 2
     assert not is_cpu_repacked(module.policy)
     after = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    start = recorder.weights
     assert start and any(not torch.equal(after[n], start[n]) for n in start)

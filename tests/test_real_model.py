@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from harness import WeightsAtStart, quiet_trainer
+from lightning.pytorch import seed_everything
 
 from lit_entropy.data import PromptDataModule
 from lit_entropy.head import head_logprobs_and_entropy
@@ -23,7 +24,6 @@ from lit_entropy.module import GRPO
 from lit_entropy.pretrained import DEFAULT_DIR, gguf_file_of, prepare
 from lit_entropy.prompts import render_prompt
 from lit_entropy.quantization import is_cpu_repacked
-from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rewards import Reward
 from lit_entropy.rollout import Sampling
 
@@ -86,19 +86,7 @@ def test_fused_head_equals_the_models_logits_at_full_vocabulary(lora_policy):
     assert entropy.min() > 0 and entropy.max() < math.log(49152)
 
 
-class _Start(Callback):
-    def __init__(self) -> None:
-        self.weights: dict[str, torch.Tensor] = {}
-        self.outputs: list[dict] = []
-
-    def on_train_start(self, trainer, pl_module):
-        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append(scalar_outputs(outputs))
-
-
-def _one_iteration(tmp_path: Path, policy: Policy) -> tuple[GRPO, _Start]:
+def _one_iteration(tmp_path: Path, policy: Policy) -> tuple[GRPO, WeightsAtStart]:
     rows = [
         {"prompt": f"What is {a} + {b}? Answer with a number.", "answer": str(a + b)}
         for a, b in [(3, 4), (8, 5)]
@@ -114,25 +102,14 @@ def _one_iteration(tmp_path: Path, policy: Policy) -> tuple[GRPO, _Start]:
         val_num_samples=0,
         adapter_dir=str(tmp_path / "adapter"),
     )
-    start = _Start()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[start],
-    )
+    start = WeightsAtStart()
+    trainer = quiet_trainer(tmp_path, 1, callbacks=[start])
     trainer.fit(module, PromptDataModule(train_files=str(data_file), answer_field="answer", batch_size=2))
     assert trainer.global_step == 1
     return module, start
 
 
-def _assert_adapters_moved(module: GRPO, start: _Start) -> None:
+def _assert_adapters_moved(module: GRPO, start: WeightsAtStart) -> None:
     after = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     assert start.weights and set(after) == set(start.weights)
     assert all("lora_" in name for name in after)
