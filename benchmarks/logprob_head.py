@@ -62,7 +62,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from rss import peak_rss, reset_peak_rss, rss_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from torch import Tensor, nn  # noqa: E402
 
 from lit_entropy.functional import token_logprobs_and_entropy  # noqa: E402
@@ -168,41 +168,6 @@ def step(
     return logprobs.detach(), entropy.detach()
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return _proc_status_bytes("VmHWM") is not None
-
-
-def _rss_bytes() -> int:
-    rss = _proc_status_bytes("VmRSS")
-    if rss is not None:
-        return rss
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def _ru_maxrss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KB on Linux
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -230,13 +195,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         _sync(device)
         peak, peak_source = torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated"
     else:
-        hwm = _reset_rss_peak()
-        before = _rss_bytes()
+        hwm = reset_peak_rss()
+        before = rss_bytes()
         step(args.method, hidden, head, tokens, a, b, **kwargs)
-        if hwm:
-            peak, peak_source = _proc_status_bytes("VmHWM") - before, "VmHWM"
-        else:
-            peak, peak_source = _ru_maxrss_bytes() - before, "ru_maxrss"
+        peak, peak_source = peak_rss() - before, "VmHWM" if hwm else "ru_maxrss"
     seconds = []
     for _ in range(args.repeats):
         _sync(device)

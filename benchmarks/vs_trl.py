@@ -120,6 +120,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rss import peak_rss, reset_peak_rss  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 RESULT_PREFIX = "VS_TRL_RESULT "
 SIDES = ("lit_entropy", "trl")
 PHASES = ("generation", "rewards", "old log-probs", "train forward", "backward", "optimizer", "other")
@@ -161,8 +163,8 @@ class MemoryProbe:
         if model is not None:  # page the weights in first: see _touch
             _touch(model)
         self.rss_start = psutil.Process().memory_info().rss
-        self.peak_before = _peak_rss()  # imports + model load
-        self.peak_resettable = _reset_peak_rss()
+        self.peak_before = peak_rss()  # imports + model load
+        self.peak_resettable = reset_peak_rss()
         self.train_peak = self.rss_start
         self._started = True
         self._since = time.perf_counter()
@@ -179,12 +181,12 @@ class MemoryProbe:
         name = self._stack[-1] if self._stack else "other"
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._since
         self._since = now
-        peak = _peak_rss()
+        peak = peak_rss()
         self.train_peak = max(self.train_peak, peak)
         if self.peak_resettable:
             entry = self.phases.setdefault(name, {})
             entry["peak"] = max(entry.get("peak", 0), peak)
-            _reset_peak_rss()
+            reset_peak_rss()
 
     def enter(self, name: str) -> None:
         self._close_segment()
@@ -204,7 +206,7 @@ class MemoryProbe:
         import torch
 
         self._close_segment()
-        peak = self.train_peak if self.peak_resettable else _peak_rss()
+        peak = self.train_peak if self.peak_resettable else peak_rss()
         out = {
             "rss_start": self.rss_start,
             "peak_rss_train": peak,
@@ -284,31 +286,6 @@ def _touch(model: Any) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.device.type == "cpu" and tensor.numel():
                 tensor.detach().sum()
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``; writing "5" to clear_refs, Linux >= 4.0); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_rss() -> int:
-    """Peak RSS in bytes: ``VmHWM`` (resettable) where /proc exists, else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _setup_worker(args: argparse.Namespace) -> None:
