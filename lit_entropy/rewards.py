@@ -20,6 +20,17 @@ until the call returns (or the process exits) and a fresh worker serves the next
 such a function needs fixing, or a process-based reward that can be killed. Without ``timeout`` (the default)
 the function is called directly in the training thread, exactly as before.
 
+Systematic failures stop the run: a function that fails on every completion of one scoring call (a wrong
+signature, a field the rows lack, a wrong return type), or on more than ``max_error_fraction`` of them, raises
+`RewardFailureError` naming the function, the count and the first exception, instead of training on
+``on_error``. Failures on fewer completions are counted and the run goes on.
+
+What a reward may raise: any ``Exception``, and ``SystemExit`` (``sys.exit(3)`` inside a verifier), is a failure
+of that completion. ``KeyboardInterrupt`` (and Lightning's ``SIGTERMException``, a subclass of ``SystemExit``)
+propagate: they are requests to stop the run, not failures of one completion. ``os._exit`` and signals that kill
+the process cannot be caught in the trainer's process: rewards run in the training thread or in a worker thread
+of the same process, so guarding against them needs a reward that runs its work in a child process.
+
 Safety: ``fn`` is imported with ``importlib.import_module``, which executes the module's top-level code (and
 its imports) with the trainer's privileges; the function then sees every completion and dataset row. Only name
 code you trust.
@@ -48,6 +59,7 @@ from lit_entropy.errors import ConfigError, LitEntropyError
 
 __all__ = [
     "Reward",
+    "RewardFailureError",
     "RewardFunction",
     "RewardResult",
     "RewardScorer",
@@ -257,6 +269,13 @@ class RewardTimeoutError(LitEntropyError, RuntimeError):
     """Too many calls of one reward function are stuck past their timeout (their threads cannot be killed)."""
 
 
+class RewardFailureError(LitEntropyError, RuntimeError):
+    """A reward function failed on every completion of one scoring call, or on more than its allowed share.
+
+    Such a function is broken, not unlucky: training on its ``on_error`` value would learn nothing from it.
+    """
+
+
 class _Worker:
     """A daemon thread that runs one reward function's calls one at a time, for calls with a timeout.
 
@@ -348,10 +367,17 @@ class RewardScorer:
             non-finite / non-numeric value, or exceeded its ``timeout``.
         max_abandoned: How many timed-out calls of one function may still be running (abandoned in their
             threads) before scoring raises `RewardTimeoutError` instead of starting yet another thread.
+        max_error_fraction: In ``[0, 1]``. A scoring call raises `RewardFailureError` when one function fails
+            on more than this share of its completions; a function failing on *every* completion always
+            raises. 1.0 (default): only a function failing on every completion stops the run; 0.5: more than
+            half; 0.0: any failure. Failures (raised, non-numeric or non-finite result, timeout) below the
+            share are scored ``on_error`` and counted. ``None``: never raise, count every failure (a
+            function failing on every completion then trains on ``on_error``: opt in knowingly).
 
     Raises:
         ConfigError: Empty ``rewards``, a path that does not resolve (naming it), a non-finite weight, a
-            timeout that is not a positive number of seconds, or two functions with the same metric name.
+            timeout that is not a positive number of seconds, two functions with the same metric name, or a
+            ``max_error_fraction`` outside ``[0, 1]``.
     """
 
     def __init__(
@@ -359,6 +385,7 @@ class RewardScorer:
         rewards: Sequence[Reward | Mapping[str, Any]],
         on_error: float = 0.0,
         max_abandoned: int = 8,
+        max_error_fraction: float | None = 1.0,
     ) -> None:
         if isinstance(rewards, (str, bytes, Mapping)) or not isinstance(rewards, Sequence):
             raise ConfigError(
@@ -370,8 +397,15 @@ class RewardScorer:
             raise ConfigError(f"reward_on_error must be a finite number, got {on_error!r}")
         if isinstance(max_abandoned, bool) or not isinstance(max_abandoned, int) or max_abandoned < 1:
             raise ConfigError(f"max_abandoned must be an integer >= 1, got {max_abandoned!r}")
+        if max_error_fraction is not None and (
+            not _is_real(max_error_fraction) or not 0.0 <= max_error_fraction <= 1.0
+        ):
+            raise ConfigError(
+                f"max_error_fraction must be a number in [0, 1] or null, got {max_error_fraction!r}"
+            )
         self.on_error = float(on_error)
         self.max_abandoned = max_abandoned
+        self.max_error_fraction = None if max_error_fraction is None else float(max_error_fraction)
         self._workers: dict[str, _Worker] = {}
         self._abandoned: dict[str, list[_Worker]] = {}
         self.rewards: list[Reward] = []
@@ -418,13 +452,22 @@ class RewardScorer:
         """Metric names of the functions, in config order."""
         return list(self._names)
 
-    def __call__(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> RewardResult:
+    def __call__(
+        self,
+        completions: Sequence[str],
+        examples: Sequence[Mapping[str, Any]],
+        *,
+        check_failures: bool = True,
+    ) -> RewardResult:
         """Scores each completion against its dataset row.
 
         Args:
             completions: N completion texts.
             examples: N dataset rows, ``examples[i]`` being the row ``completions[i]`` answers (a prompt's
                 row repeated G times for its G completions).
+            check_failures: Raise `RewardFailureError` for a function failing on every completion or on more
+                than ``max_error_fraction`` of them (unless that is ``None``). ``False`` only counts, e.g. for
+                a probe that inspects ``first_errors`` itself.
 
         Returns:
             The weighted total ``[N]`` and per-function values, with error and timeout counts. The first
@@ -432,6 +475,9 @@ class RewardScorer:
 
         Raises:
             RewardTimeoutError: A function has more than ``max_abandoned`` timed-out calls still running.
+            RewardFailureError: With ``check_failures``, a function failed on every completion, or on more
+                than ``max_error_fraction`` of them (raised as soon as that share is exceeded).
+            KeyboardInterrupt: Raised by a function (or Ctrl-C while it runs): the run stops.
         """
         if len(completions) != len(examples):
             raise ValueError(
@@ -445,9 +491,13 @@ class RewardScorer:
         first_errors: dict[str, BaseException] = {}
         for reward, function, name in zip(self.rewards, self._functions, self._names):
             values: list[float] = []
-            first_error: Exception | None = None
+            first_error: BaseException | None = None
             num_errors = num_timeouts = 0
+            check = check_failures and self.max_error_fraction is not None
+            allowed = len(completions) * (self.max_error_fraction or 0.0)
             for completion, example in zip(completions, examples):
+                if check and num_errors > allowed:
+                    raise self._failure(name, reward, num_errors, len(values), len(completions), first_error)
                 try:
                     if reward.timeout is None:
                         value = function(completion, example, **reward.kwargs)
@@ -462,11 +512,15 @@ class RewardScorer:
                     num_timeouts += 1
                     if first_error is None:
                         first_error = TimeoutError(str(exc))
-                except Exception as exc:  # noqa: BLE001 - one bad completion must not stop the RL iteration
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 - one bad completion must not stop the iteration
+                    if isinstance(exc, SystemExit) and type(exc) is not SystemExit:
+                        raise  # Lightning's SIGTERMException and the like: a stop request, not a failure
                     values.append(self.on_error)
                     num_errors += 1
                     if first_error is None:
                         first_error = exc
+            if check and completions and (num_errors > allowed or num_errors == len(completions)):
+                raise self._failure(name, reward, num_errors, len(values), len(completions), first_error)
             if first_error is not None:
                 first_errors[name] = first_error
                 log.warning(
@@ -493,6 +547,29 @@ class RewardScorer:
             num_timeouts=sum(timeouts_per_function.values()),
             timeouts_per_function=timeouts_per_function,
             first_errors=first_errors,
+        )
+
+    def _failure(
+        self,
+        name: str,
+        reward: Reward,
+        num_errors: int,
+        num_scored: int,
+        num_completions: int,
+        first_error: BaseException | None,
+    ) -> RewardFailureError:
+        """The error for a function whose failures passed ``max_error_fraction`` (or that failed on all)."""
+        stopped = f" (scoring stopped after {num_scored})" if num_scored < num_completions else ""
+        if num_errors == num_completions:
+            why = "every completion"
+        else:
+            why = f"more than max_error_fraction={self.max_error_fraction:g} of them"
+        first = "no error recorded" if first_error is None else _describe(first_error)
+        return RewardFailureError(
+            f"reward {name!r} ({reward.fn}) failed on {num_errors} of {num_completions} completions{stopped} "
+            f"of one scoring call ({why}); first error: {first}; a function that fails this often is broken "
+            f"(scoring it reward_on_error={self.on_error:g} would train on nothing): it is called as "
+            "fn(completion: str, example: dict, **kwargs) and must return a finite number"
         )
 
     def _call_with_timeout(
@@ -547,6 +624,14 @@ class RewardScorer:
 
 class _CallTimedOut(Exception):
     """Internal: a call with a timeout overran it (distinguished from a function raising TimeoutError)."""
+
+
+def _describe(error: BaseException) -> str:
+    """``"TypeError: message"`` on one line (long messages cut), for error messages."""
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _is_real(value: Any) -> bool:
