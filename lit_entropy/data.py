@@ -55,6 +55,8 @@ _VAL_SEED_OFFSET = 1_000_003
 _CSV_INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
 # Control characters that are ordinary in text.
 _TEXT_CONTROLS = frozenset("\t\n\r")
+# Every other C0/C1 control character (Cc) and lone surrogates (Cs), to scan many prompts fast.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 # At most this many distinct characters are listed in a warning.
 _MAX_LISTED_CHARACTERS = 10
 
@@ -327,6 +329,9 @@ def control_characters(
     nearly always damage (a terminal escape, a NUL from a binary field) and reach the tokenizer as ``<unk>``
     or as byte tokens the model never saw.
     """
+    texts = (text for row in rows for _, text in _prompt_texts(row.get("prompt")))
+    if not any(_CONTROL_RE.search(text) for text in texts):
+        return None
     count, first, characters = _first_rows_with(rows, sources, field_name, _is_control)
     if not count:
         return None
@@ -361,9 +366,11 @@ def warn_unknown_characters(
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not rows:
         return []
-    characters = list(
-        dict.fromkeys(char for row in rows for _, text in _prompt_texts(row.get("prompt")) for char in text)
-    )
+    distinct: set[str] = set()
+    for row in rows:
+        for _, text in _prompt_texts(row.get("prompt")):
+            distinct.update(text)
+    characters = sorted(distinct)
     if not characters:
         return []
     encoded = tokenizer(characters, add_special_tokens=False)["input_ids"]
