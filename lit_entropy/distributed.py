@@ -183,15 +183,15 @@ class FSDP2(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        from lit_entropy.checkpoint_state import keep_trainable  # it imports this module
+
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         if not (path / _METADATA_FILENAME).is_file():
             raise ConfigError(f"{path}: not a checkpoint directory (no {_METADATA_FILENAME})")
         module = self.lightning_module
-        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-        full = get_model_state_dict(module)
-        state = {"state_dict": {name: value for name, value in full.items() if name in trainable}}
+        state = {"state_dict": keep_trainable(get_model_state_dict(module), module)}
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=False))
         for index, optimizer in enumerate(self.optimizers):

@@ -20,12 +20,17 @@ checkpointing per chunk: correct for every module, at the cost of recomputing th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.functional import rows_logprobs_and_entropy
+from lit_entropy.functional import rows_logprobs_and_entropy, token_logprobs_and_entropy
+
+if TYPE_CHECKING:
+    from lit_entropy.rollout import SequenceBatch
 
 #: fp32 elements of one ``[chunk, V]`` block when ``chunk_size`` is not given: 2**25 (128 MB), i.e. 220 rows of
 #: a 151,936-token vocabulary. The peak of the computation is a few such blocks, whatever ``N*T`` is.
@@ -201,3 +206,32 @@ def head_logprobs_and_entropy(
         if not entropy_grad:
             entropy = entropy.detach()
     return logprobs.reshape(n, t), entropy.reshape(n, t)
+
+
+def completion_logprobs_and_entropy(
+    model: nn.Module,
+    lm_parts: tuple[nn.Module, nn.Module] | None,
+    batch: SequenceBatch,
+    temperature: float,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """fp32 log-probs and entropy of a batch's completion tokens, ``([n, T'], [n, T'])``.
+
+    Only the completion positions are projected to the vocabulary, divided by ``temperature``. With
+    ``lm_parts`` (the model's decoder and output head) the projection is chunked (`head_logprobs_and_entropy`);
+    without, the model returns those logits itself (``logits_to_keep``). ``entropy_grad=False`` returns a
+    detached entropy.
+    """
+    completion_length = batch.completion_ids.shape[1]
+    if lm_parts is not None:
+        decoder, head = lm_parts
+        hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+        hidden = hidden[:, -(completion_length + 1) : -1]  # [n, T', H]: position t predicts token t
+        return head_logprobs_and_entropy(
+            hidden, head, batch.completion_ids, temperature, chunk_size, entropy_grad=entropy_grad
+        )
+    outputs = model(**batch.model_inputs(), logits_to_keep=completion_length + 1, use_cache=False)
+    logits = outputs.logits[:, :-1]  # [n, T', V]: position t predicts completion token t
+    logprobs, entropy = token_logprobs_and_entropy(logits, batch.completion_ids, temperature)
+    return logprobs, entropy if entropy_grad else entropy.detach()

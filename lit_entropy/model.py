@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_entropy.checkpoint_state import trainable_by_name
 from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError, ModelLoadError, check_choice, one_line
 from lit_entropy.quantization import (
@@ -78,11 +79,10 @@ class Policy:
     embedded: EmbeddedModel | None = None
 
     def validate(self) -> None:
-        """Check the settings without loading anything.
+        """Check the settings alone: no file is read (`check_files` looks at the folders).
 
         Raises:
             ConfigError: A value is missing, out of range or inconsistent; the message names the field.
-            ModelLoadError: The model or tokenizer folder is missing, or the model folder has no config.json.
         """
         if self.embedded is not None and self.path is not None:
             raise ConfigError("set either policy.path or policy.embedded, not both")
@@ -93,40 +93,11 @@ class Policy:
                 "policy.path is required: a local folder with config.json, the weights and tokenizer files "
                 "(or policy.embedded for the built-in tiny model)"
             )
-        elif Path(self.path).suffix == ".gguf":
-            if not Path(self.path).is_file():
-                raise ModelLoadError(f"policy.path: GGUF file '{self.path}' does not exist")
-            if self.quantization is not None:
-                raise ConfigError(
-                    "policy.quantization cannot re-quantize a GGUF file while loading it; convert it to a model "
-                    f"folder first (lit-entropy prepare-model --gguf {self.path} --output DIR) and set policy.path "
-                    "to that folder"
-                )
-        else:
-            folder = Path(self.path)
-            if folder.is_file():
-                raise ModelLoadError(
-                    f"policy.path: '{self.path}' is a file; expected a model folder (config.json, weights, "
-                    "tokenizer) or a .gguf file"
-                )
-            if not folder.is_dir():
-                hint = ""
-                from lit_entropy.pretrained import MODELS
-
-                if folder.name in MODELS:
-                    hint = f"; prepare it with: lit-entropy prepare-model {folder.name} --dir {folder.parent}"
-                raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist{hint}")
-            if not (folder / "config.json").is_file():
-                raise ModelLoadError(f"policy.path: model folder '{self.path}' has no config.json")
-            _check_model_config(folder, self.trust_remote_code)
-            if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-                raise ModelLoadError(
-                    f"policy.path: model folder '{self.path}' has no weights "
-                    f"(no {', '.join(_WEIGHT_PATTERNS)} file)"
-                )
-        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
-            raise ModelLoadError(
-                f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
+        elif Path(self.path).suffix == ".gguf" and self.quantization is not None:
+            raise ConfigError(
+                "policy.quantization cannot re-quantize a GGUF file while loading it; convert it to a model "
+                f"folder first (lit-entropy prepare-model --gguf {self.path} --output DIR) and set policy.path "
+                "to that folder"
             )
         check_choice("policy.dtype", self.dtype, DType)
 
@@ -161,6 +132,43 @@ class Policy:
                     "policy.quantization needs policy.lora: 4-bit weights cannot be trained, only adapters "
                     "on top of them (set policy.lora, or drop policy.quantization for full fine-tuning)"
                 )
+
+    def check_files(self) -> None:
+        """Check that ``path`` (and ``tokenizer_path``) hold a loadable model, reading only ``config.json``.
+
+        Raises:
+            ModelLoadError: The model or tokenizer folder is missing, the model folder has no config.json or no
+                weights, or its config names an architecture that needs remote code.
+        """
+        if self.path is not None and Path(self.path).suffix == ".gguf":
+            if not Path(self.path).is_file():
+                raise ModelLoadError(f"policy.path: GGUF file '{self.path}' does not exist")
+        elif self.path is not None:
+            folder = Path(self.path)
+            if folder.is_file():
+                raise ModelLoadError(
+                    f"policy.path: '{self.path}' is a file; expected a model folder (config.json, weights, "
+                    "tokenizer) or a .gguf file"
+                )
+            if not folder.is_dir():
+                hint = ""
+                from lit_entropy.pretrained import MODELS
+
+                if folder.name in MODELS:
+                    hint = f"; prepare it with: lit-entropy prepare-model {folder.name} --dir {folder.parent}"
+                raise ModelLoadError(f"policy.path: model folder '{self.path}' does not exist{hint}")
+            if not (folder / "config.json").is_file():
+                raise ModelLoadError(f"policy.path: model folder '{self.path}' has no config.json")
+            _check_model_config(folder, self.trust_remote_code)
+            if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+                raise ModelLoadError(
+                    f"policy.path: model folder '{self.path}' has no weights "
+                    f"(no {', '.join(_WEIGHT_PATTERNS)} file)"
+                )
+        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
+            raise ModelLoadError(
+                f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
+            )
 
 
 # Files that hold a model's weights (sharded checkpoints have an index and numbered shards).
@@ -232,6 +240,7 @@ def load_policy(
 
         policy = dataclasses.replace(policy, path=prepare_embedded_model(policy.embedded), embedded=None)
     policy.validate()
+    policy.check_files()
     assert policy.path is not None  # validate() guarantees it; narrows the type
     if policy.trust_remote_code:
         log.warning(
@@ -377,7 +386,7 @@ def head_reproduces_logits(model: torch.nn.Module, decoder: torch.nn.Module, hea
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters that require grad, in ``model.parameters()`` order (what the optimizer should get)."""
-    return [param for param in model.parameters() if param.requires_grad]
+    return list(trainable_by_name(model).values())
 
 
 def build_tiny_causal_lm(

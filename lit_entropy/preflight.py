@@ -7,7 +7,7 @@ combination fails in seconds with one message naming the field, file, row or val
 training step (or never, as with prompts silently cut by the model's context):
 
 - the rollout size ``N = data.batch_size * sampling.group_size`` is split exactly into mini-batches and
-  those into micro-batches (`check_batch_sizes`);
+  those into micro-batches (`lit_entropy.minibatch.BatchSplit`);
 - the tokenizer has an EOS token (completions must end) and a pad token (`check_special_tokens`),
   a chat template when ``chat_template=True`` (`check_chat_template`), and no ids past the model's
   embedding table (`check_vocabulary`);
@@ -32,7 +32,6 @@ from lit_entropy.errors import ConfigError, DataError, ModelLoadError
 from lit_entropy.prompts import render_prompt
 
 __all__ = [
-    "check_batch_sizes",
     "check_chat_template",
     "check_generation_budget",
     "check_prompt_lengths",
@@ -46,43 +45,6 @@ __all__ = [
 
 _SPLITS = ("train", "val", "test")
 _TOKENIZE_CHUNK = 1024
-
-
-def _nearby_divisors(n: int, near: int, count: int = 3) -> list[int]:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return sorted(sorted(divisors, key=lambda d: (abs(d - near), d))[:count])
-
-
-def check_batch_sizes(
-    batch_size: int,
-    group_size: int,
-    minibatch_size: int | None,
-    microbatch_size: int | None,
-) -> None:
-    """The rollout of ``batch_size * group_size`` sequences splits into whole mini-batches and micro-batches.
-
-    Mirrors what the module does at the first training step: ``minibatch_size`` (None = the whole rollout)
-    must divide ``N``; ``microbatch_size`` (None = the mini-batch; larger values are capped to it) must divide
-    the mini-batch.
-
-    Raises:
-        ConfigError: Naming both fields, their values and divisors that would work.
-    """
-    rollout = batch_size * group_size
-    minibatch = minibatch_size or rollout
-    if rollout % minibatch:
-        raise ConfigError(
-            f"model.minibatch_size={minibatch} does not divide the rollout size data.batch_size * "
-            f"model.sampling.group_size = {batch_size}*{group_size} = {rollout}; use a divisor of {rollout} "
-            f"(e.g. {', '.join(map(str, _nearby_divisors(rollout, minibatch)))}) or null for the whole rollout"
-        )
-    microbatch = min(microbatch_size or minibatch, minibatch)
-    if minibatch % microbatch:
-        raise ConfigError(
-            f"model.microbatch_size={microbatch} does not divide model.minibatch_size={minibatch}"
-            f"{'' if minibatch_size else ' (the whole rollout, minibatch_size is null)'}; use a divisor of "
-            f"{minibatch} (e.g. {', '.join(map(str, _nearby_divisors(minibatch, microbatch)))}) or null"
-        )
 
 
 def check_special_tokens(tokenizer: Any, where: str) -> None:
@@ -298,7 +260,7 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
     sampling = module.sampling
     batch_size = getattr(datamodule, "batch_size", None)
     if isinstance(batch_size, int) and batch_size > 0:
-        check_batch_sizes(batch_size, sampling.group_size, module.minibatch_size, module.microbatch_size)
+        module.batch_split(batch_size)  # raises ConfigError naming the sizes that do not divide
 
     tokenizer = getattr(module, "tokenizer", None)
     model = getattr(module, "policy", None)

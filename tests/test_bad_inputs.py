@@ -312,26 +312,26 @@ def _(ctx: Ctx) -> Expect:
 @case("model-missing-folder")
 def _(ctx: Ctx) -> Expect:
     missing = str(ctx.tmp / "no_model")
-    return Expect(Policy(path=missing).validate, ModelLoadError, ["policy.path", missing, "does not exist"])
+    return Expect(Policy(path=missing).check_files, ModelLoadError, ["policy.path", missing, "does not exist"])
 
 
 @case("model-no-config-json")
 def _(ctx: Ctx) -> Expect:
     folder = ctx.model_copy("no_config", drop=["config.json"])
-    return Expect(Policy(path=folder).validate, ModelLoadError, ["policy.path", folder, "no config.json"])
+    return Expect(Policy(path=folder).check_files, ModelLoadError, ["policy.path", folder, "no config.json"])
 
 
 @case("model-config-not-json")
 def _(ctx: Ctx) -> Expect:
     folder = ctx.model_copy("bad_config")
     (Path(folder) / "config.json").write_text("{model_type: qwen2")
-    return Expect(Policy(path=folder).validate, ModelLoadError, ["config.json", "not readable JSON"])
+    return Expect(Policy(path=folder).check_files, ModelLoadError, ["config.json", "not readable JSON"])
 
 
 @case("model-no-weights")
 def _(ctx: Ctx) -> Expect:
     folder = ctx.model_copy("no_weights", drop=["model.safetensors"])
-    return Expect(Policy(path=folder).validate, ModelLoadError, ["policy.path", folder, "has no weights"])
+    return Expect(Policy(path=folder).check_files, ModelLoadError, ["policy.path", folder, "has no weights"])
 
 
 @case("model-no-tokenizer-files")
@@ -345,13 +345,13 @@ def _(ctx: Ctx) -> Expect:
     custom = {"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyLM"}}
     folder = ctx.model_copy("remote", config=custom)
     fragments = ["config.json", "'my_custom_lm'", "modeling_my.MyLM", "policy.trust_remote_code is false"]
-    return Expect(Policy(path=folder).validate, ModelLoadError, fragments)
+    return Expect(Policy(path=folder).check_files, ModelLoadError, fragments)
 
 
 @case("model-unknown-model-type")
 def _(ctx: Ctx) -> Expect:
     folder = ctx.model_copy("unknown_type", config={"model_type": "not_a_model"})
-    return Expect(Policy(path=folder).validate, ModelLoadError, ["'not_a_model'", "does not know"])
+    return Expect(Policy(path=folder).check_files, ModelLoadError, ["'not_a_model'", "does not know"])
 
 
 @case("model-bad-dtype")
@@ -399,13 +399,13 @@ def _(ctx: Ctx) -> Expect:
 @case("policy-path-is-a-file")
 def _(ctx: Ctx) -> Expect:
     path = ctx.write("weights.bin", "")
-    return Expect(Policy(path=path).validate, ModelLoadError, [path, "is a file", "or a .gguf file"])
+    return Expect(Policy(path=path).check_files, ModelLoadError, [path, "is a file", "or a .gguf file"])
 
 
 @case("policy-gguf-missing")
 def _(ctx: Ctx) -> Expect:
     path = str(ctx.tmp / "absent.gguf")
-    return Expect(Policy(path=path).validate, ModelLoadError, ["GGUF file", path, "does not exist"])
+    return Expect(Policy(path=path).check_files, ModelLoadError, ["GGUF file", path, "does not exist"])
 
 
 @case("policy-gguf-with-quantization")
@@ -423,7 +423,7 @@ def _(ctx: Ctx) -> Expect:
 def _(ctx: Ctx) -> Expect:
     path = str(ctx.tmp / "models" / "SmolLM2-135M-Instruct")
     hint = f"lit-entropy prepare-model SmolLM2-135M-Instruct --dir {ctx.tmp / 'models'}"
-    return Expect(Policy(path=path).validate, ModelLoadError, [path, "does not exist", hint])
+    return Expect(Policy(path=path).check_files, ModelLoadError, [path, "does not exist", hint])
 
 
 @case("cli-prepare-model-unknown")

@@ -303,16 +303,17 @@ def test_policy_errors_name_the_field(tiny_model_dir, tmp_path):
 
     missing = tmp_path / "no_such_model"
     with pytest.raises(ModelLoadError, match=f"policy.path: model folder '{missing}' does not exist"):
-        Policy(path=str(missing)).validate()
+        Policy(path=str(missing)).check_files()
+    Policy(path=str(missing)).validate()  # settings alone: reads no file
     with pytest.raises(ModelLoadError, match="no_such_model"):
         load_policy(Policy(path=str(missing)))
 
     no_config = _copy_folder_without(tiny_model_dir, tmp_path / "no_config", drop={"config.json"})
     with pytest.raises(ModelLoadError, match="no_config.*config.json"):
-        Policy(path=str(no_config)).validate()
+        Policy(path=str(no_config)).check_files()
 
     with pytest.raises(ModelLoadError, match="policy.tokenizer_path.*missing_tok"):
-        Policy(path=str(tiny_model_dir), tokenizer_path=str(tmp_path / "missing_tok")).validate()
+        Policy(path=str(tiny_model_dir), tokenizer_path=str(tmp_path / "missing_tok")).check_files()
 
     with pytest.raises(ConfigError, match="policy.lora.r must be an integer >= 1, got 0"):
         Policy(path=str(tiny_model_dir), lora=LoRA(r=0)).validate()
@@ -329,6 +330,7 @@ def test_policy_errors_name_the_field(tiny_model_dir, tmp_path):
         Policy(path=str(tiny_model_dir), quantization=Quantization(), lora=None).validate()
 
     Policy(path=str(tiny_model_dir)).validate()  # the defaults on a real folder are valid
+    Policy(path=str(tiny_model_dir)).check_files()
 
 
 def test_load_policy_folder_without_weights(tiny_model_dir, tmp_path):

@@ -190,7 +190,7 @@ def test_fit_reward_statistics_match_the_scored_completions(fitted):
 def test_on_policy_fit_never_clips(fitted):
     # One update per rollout: old log-probs are the current ones, the ratio is exactly 1.
     _, module, snapshot, _, _, _ = fitted
-    assert module.updates_per_iteration(4) == 1
+    assert module.batch_split(prompts=2).updates == 1  # N = 2 prompts x 2 completions, one mini-batch
     for output in snapshot.outputs:
         assert output["train/clip_frac_low"] == 0.0
         assert output["train/clip_frac_high"] == 0.0

@@ -28,12 +28,12 @@ import math
 import os
 from typing import Any, Literal, get_args
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lit_entropy.checkpoint_state import restore_trainable_state, trainable_state
 from lit_entropy.errors import ConfigError
 from lit_entropy.regularizer import measured_entropy
 
@@ -193,26 +193,3 @@ class CollapseGuard(Callback):
         first, good = state_dict["first_entropy"], state_dict["last_good_iteration"]
         self.first_entropy = None if first is None else float(first)
         self.last_good_iteration = None if good is None else int(good)
-
-
-def trainable_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    """CPU copies of the module's trainable (``requires_grad``) parameters, by name."""
-    return {
-        name: parameter.detach().to("cpu", copy=True)
-        for name, parameter in module.named_parameters()
-        if parameter.requires_grad
-    }
-
-
-@torch.no_grad()
-def restore_trainable_state(module: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` (from `trainable_state`) back into the module's parameters, in place.
-
-    Raises:
-        ConfigError: naming a parameter of ``state`` the module no longer has.
-    """
-    parameters = dict(module.named_parameters())
-    for name, value in state.items():
-        if name not in parameters:
-            raise ConfigError(f"CollapseGuard cannot restore {name!r}: the module has no such parameter")
-        parameters[name].copy_(value.to(parameters[name].device))

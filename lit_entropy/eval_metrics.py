@@ -1,0 +1,65 @@
+"""The metrics of one evaluation stage (validation or test), accumulated over its batches.
+
+For each prompt the policy answers once greedily (``<stage>/accuracy``: the first reward function's value) and,
+when ``num_samples > 0``, samples ``num_samples`` completions: ``<stage>/reward`` (their mean total reward),
+``<stage>/pass@k`` (the unbiased estimator over those samples; a sample is correct when the first reward
+function gives it >= 1.0) and ``<stage>/distinct_correct`` (different correct answers per prompt).
+
+torchmetrics' ``MeanMetric`` keeps sums and counts, so the epoch values are exact over batches and ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lit_entropy.evaluation import distinct_correct, pass_at_k
+
+
+class StageMetrics(torch.nn.Module):
+    """Accuracy, reward, pass@k and distinct correct answers of one stage (a Module: Lightning moves and resets it).
+
+    Args:
+        stage: the log prefix (``val`` or ``test``).
+        num_samples: sampled completions per prompt (0 = greedy accuracy only).
+        pass_at_k: the k values of ``pass@k``, each in ``[1, num_samples]``.
+    """
+
+    def __init__(self, stage: str, num_samples: int, pass_at_k: list[int]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.num_samples = num_samples
+        self.ks = list(pass_at_k)
+        self.accuracy = MeanMetric()
+        self.reward = MeanMetric()
+        self.pass_at_k = torch.nn.ModuleDict({str(k): MeanMetric() for k in self.ks})
+        self.distinct = MeanMetric()
+
+    def update_greedy(self, first_reward: Tensor) -> dict[str, MeanMetric]:
+        """Add the greedy answers' ``[B]`` first-reward values; returns the metrics to log, by name."""
+        self.accuracy.update(first_reward)
+        return {f"{self.stage}/accuracy": self.accuracy}
+
+    def update_sampled(
+        self, total_reward: Tensor, first_reward: Tensor, completions: list[str]
+    ) -> dict[str, MeanMetric]:
+        """Add ``B * num_samples`` sampled completions (prompt-major): their ``[B*n]`` total and first rewards."""
+        n = self.num_samples
+        self.reward.update(total_reward)
+        correct = (first_reward >= 1.0).view(-1, n)  # [B, n]
+        num_correct = correct.sum(-1)  # [B]
+        logged = {f"{self.stage}/reward": self.reward}
+        for k in self.ks:
+            self.pass_at_k[str(k)].update(pass_at_k(n, num_correct, k))
+            logged[f"{self.stage}/pass@{k}"] = self.pass_at_k[str(k)]
+        distinct = [
+            distinct_correct(completions[i * n : (i + 1) * n], correct[i].tolist())
+            for i in range(len(correct))
+        ]
+        self.distinct.update(torch.tensor(distinct, dtype=torch.float32))
+        logged[f"{self.stage}/distinct_correct"] = self.distinct
+        return logged
+
+
+__all__ = ["StageMetrics"]
