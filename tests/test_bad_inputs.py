@@ -312,7 +312,9 @@ def _(ctx: Ctx) -> Expect:
 @case("model-missing-folder")
 def _(ctx: Ctx) -> Expect:
     missing = str(ctx.tmp / "no_model")
-    return Expect(Policy(path=missing).check_files, ModelLoadError, ["policy.path", missing, "does not exist"])
+    return Expect(
+        Policy(path=missing).check_files, ModelLoadError, ["policy.path", missing, "does not exist"]
+    )
 
 
 @case("model-no-config-json")

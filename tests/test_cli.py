@@ -96,9 +96,7 @@ def _recipe_overrides(recipe: dict) -> list[str]:
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_recipe_parses_and_instantiates_without_building_the_model(recipe_path, tiny_model_dir, tmp_path):
     recipe = yaml.safe_load(recipe_path.read_text())
-    cli = LitEntropyCLI(
-        args=["--config", str(recipe_path), *_recipe_overrides(recipe)], run=False
-    )
+    cli = LitEntropyCLI(args=["--config", str(recipe_path), *_recipe_overrides(recipe)], run=False)
     assert isinstance(cli.model, LightningModule)
     assert type(cli.model).__name__ == recipe["model"]["class_path"].rsplit(".", 1)[-1]
     if isinstance(cli.model, GRPO):
