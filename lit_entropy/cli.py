@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_entropy.errors import ConfigError, LitEntropyError
+from lit_entropy.run_folder import (
+    claim_logger_versions,
+    describe,
+    differences,
+    find_last_checkpoint,
+    lightning_resolves,
+    read_checkpoint,
+    short,
+)
 
 DEFAULT_ROOT_DIR = "runs"
 # Lines of jsonargparse's nested Union / class_path report that carry no information of their own.
@@ -71,12 +82,45 @@ def _config_paths(argv: Any) -> list[str]:
     return paths
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(
+    node: yaml.Node, path: str = "", seen: set[int] | None = None
+) -> Iterator[tuple[str, int, int]]:
+    """``(dotted key, line, line of the first one)`` for every key given twice in one mapping (lines 1-based).
+
+    PyYAML keeps the last value of a duplicate key without a word. Merge keys (``<<: *base``) are not
+    duplicates: overriding merged values is what they are for.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            dotted = f"{path}.{name}" if path else name
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                line = key_node.start_mark.line + 1
+                if (key_node.tag, key_node.value) in first:
+                    yield dotted, line, first[(key_node.tag, key_node.value)]
+                else:
+                    first[(key_node.tag, key_node.value)] = line
+            yield from _duplicate_keys(value_node, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{index}]", seen)
+
+
 def check_config_files(argv: Any) -> None:
     """Reads every ``--config`` file before jsonargparse does, to name the file and the line of a problem.
 
     Raises:
         ConfigError: A config file that does not exist, is not a file, is empty, is not valid YAML (with the
-            line and column), or does not hold a mapping of sections (``trainer``, ``model``, ``data``, ...).
+            line and column), has a key twice in one mapping (with both lines), or does not hold a mapping of
+            sections (``trainer``, ``model``, ``data``, ...).
     """
     for path in _config_paths(argv):
         file = Path(path)
@@ -104,6 +148,11 @@ def check_config_files(argv: Any) -> None:
                 f"--config {path}: expected a mapping of sections (trainer, model, data, ...), "
                 f"got {type(content).__name__}"
             )
+        for key, line, first in _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(
+                f"--config {path}: duplicate key '{key}' at line {line} (first at line {first}); "
+                "YAML would keep only the last value: remove one"
+            )
 
 
 class LitEntropyArgumentParser(LightningArgumentParser):
@@ -126,6 +175,8 @@ class LitEntropyCLI(LightningCLI):
     """
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
+        self._resume_learning_rate: tuple[float, float] | None = None  # (new, the checkpoint's)
+        self._argv: list[Any] = []  # the command line, set by parse_arguments
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -148,6 +199,115 @@ class LitEntropyCLI(LightningCLI):
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # kept to tell the command line's --model.* overrides from the config files' values (_parse_ckpt_path)
+        self._argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        super().parse_arguments(parser, args)
+
+    def _dump(self, subcommand: str) -> dict[str, Any]:
+        """The subcommand's config as ``config.yaml`` will hold it (plain YAML values, every default included)."""
+        return yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False))
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``, check the checkpoint, and merge its hyperparameters under the overrides.
+
+        Replaces Lightning's method of this name (``LightningCLI.__init__`` calls it right after parsing), which
+        puts the checkpoint's ``model`` hyperparameters over the whole config, command line included, so that a
+        resume silently dropped ``--model.init_args.learning_rate 1e-5``. Here the order is: config files, then the
+        checkpoint's hyperparameters (as in Lightning: the module continues as it was trained), then every
+        ``--model.*`` argument of the command line. Settings a resume cannot change are refused
+        (`_check_changes`); every value that differs from the config or from the checkpoint is printed.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last" and subcommand == "fit":
+            root = config.trainer.default_root_dir or DEFAULT_ROOT_DIR
+            current = self._dump(subcommand)
+            files = ", ".join(f"--config {path}" for path in _config_paths(self._argv))
+            name = f"this configuration ({files + '; ' if files else ''}{describe(current)})"
+            ckpt_path = config.ckpt_path = find_last_checkpoint(root, current, name)
+        if lightning_resolves(str(ckpt_path)):
+            return
+        hparams = read_checkpoint(ckpt_path, "--ckpt_path")
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        before_config = copy.deepcopy(self.config)
+        before = self._dump(subcommand)
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(
+                f"lit-entropy: the hyperparameters of {ckpt_path} do not parse as this model's\n"
+            )
+            raise
+        merged = self._dump(subcommand)
+        for key in _command_line_model_keys(self._argv):
+            if key in before_config[subcommand]:
+                self.config[subcommand][key] = copy.deepcopy(before_config[subcommand][key])
+        final = self._dump(subcommand)
+        from_checkpoint = list(differences(final["model"], before["model"], "model"))
+        overridden = list(differences(final["model"], merged["model"], "model"))
+        self._check_changes(str(ckpt_path), before, merged, final, overridden)
+        if from_checkpoint:
+            changes = ", ".join(
+                f"{key}={short(ours)} (config: {short(theirs)})" for key, ours, theirs in from_checkpoint
+            )
+            print(f"lit-entropy: the checkpoint's values replace the config's: {changes}", file=sys.stderr)
+        if overridden:
+            changes = ", ".join(
+                f"{key}={short(ours)} (checkpoint: {short(theirs)})" for key, ours, theirs in overridden
+            )
+            print(
+                f"lit-entropy: the command line's values replace the checkpoint's: {changes}", file=sys.stderr
+            )
+
+    def _check_changes(
+        self,
+        ckpt_path: str,
+        before: dict[str, Any],
+        merged: dict[str, Any],
+        final: dict[str, Any],
+        overridden: list[tuple[str, Any, Any]],
+    ) -> None:
+        """Refuse what a resume cannot change; arrange for a new learning rate to reach the restored optimizer."""
+        if merged["model"].get("class_path") != before["model"].get("class_path"):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path}: the checkpoint is of {merged['model'].get('class_path')}, "
+                f"the config's model is {before['model'].get('class_path')}"
+            )
+        fixed = [
+            (key, ours, theirs, why) for key, ours, theirs in overridden if (why := _fixed_on_resume(key))
+        ]
+        init_args = final["model"].get("init_args") or {}
+        rate = [change for change in overridden if change[0] == "model.init_args.learning_rate"]
+        if rate and init_args.get("optimizer") is None and init_args.get("lr_scheduler") is not None:
+            key, ours, theirs = rate[0]
+            fixed.append(
+                (key, ours, theirs, "the lr_scheduler's restored state keeps scaling the checkpoint's rate")
+            )
+        if fixed:
+            refused = "; ".join(
+                f"{key} ({short(theirs)} in the checkpoint, {short(ours)} here: {why})"
+                for key, ours, theirs, why in fixed
+            )
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path}: a resume cannot change {refused}; drop the override, or start a new run "
+                "without --ckpt_path"
+            )
+        if rate and init_args.get("optimizer") is None:
+            _, ours, theirs = rate[0]
+            self._resume_learning_rate = (float(ours), float(theirs))
+
+    @override
     def before_instantiate_classes(self) -> None:
         # As with Lightning's own default logger, --trainer.default_root_dir moves logs, config.yaml,
         # checkpoints and the adapter together.
@@ -158,24 +318,75 @@ class LitEntropyCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
                 init_args.save_dir = root
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            config.ckpt_path = find_last_checkpoint(root or DEFAULT_ROOT_DIR)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # This run's version folder exists from now on: a run started at the same moment takes the next one.
+        claim_logger_versions(trainer.loggers)
+        if self._resume_learning_rate is not None:
+            trainer.callbacks.append(ResumeLearningRate(*self._resume_learning_rate))
+        return trainer
 
 
-def find_last_checkpoint(root: str) -> str:
-    """The newest ``last*.ckpt`` under ``root`` (any logger version), or ``"last"`` when there is none.
+def _command_line_model_keys(argv: list[Any]) -> list[str]:
+    """The ``model`` keys the command line sets, in the config's spelling (``model.init_args.learning_rate``)."""
+    keys = []
+    for arg in argv:
+        if not isinstance(arg, str) or not arg.startswith("--model"):
+            continue
+        key = arg[2:].split("=", 1)[0].rstrip("+")
+        if key == "model":
+            keys.append(key)  # the whole module given at once (a class name, a YAML/JSON string or file)
+        elif key.startswith("model."):
+            rest = key[len("model.") :]
+            if rest.split(".", 1)[0] not in ("class_path", "init_args", "dict_kwargs"):
+                rest = f"init_args.{rest}"  # jsonargparse's short form --model.learning_rate
+            keys.append(f"model.{rest}")
+    return keys
 
-    Lightning resolves ``--ckpt_path last`` only in the checkpoint folder of the *new* run's logger version,
-    which is empty, and would start from scratch; the previous run's ``last.ckpt`` (periodic, or written on
-    SIGTERM) is in an older version folder.
+
+# What a resume cannot change, and why: the checkpoint's trainable weights and generator states fix them.
+_FIXED = {
+    "model.init_args.policy.lora": "the checkpoint's LoRA weights have the shapes and places of the old setting",
+    "model.init_args.policy.embedded": "the checkpoint's weights were trained on the base model the old one builds",
+    "model.init_args.seed": "the mini-batch shuffling generator is restored from the checkpoint, so it has no effect",
+}
+
+
+def _fixed_on_resume(key: str) -> str | None:
+    if key == "model.init_args.policy.embedded.cache_dir":
+        return None  # where the built model is cached, not what it is
+    for prefix, why in _FIXED.items():
+        if key == prefix or key.startswith(f"{prefix}.") or key.startswith(f"{prefix}["):
+            return why
+    return None
+
+
+class ResumeLearningRate(Callback):
+    """Puts a learning rate changed on resume into the optimizer, after Lightning restored the old one.
+
+    Lightning restores the optimizer's state, ``param_groups`` (and so ``lr``) included, after
+    ``configure_optimizers`` built it with the module's new ``learning_rate``; ``on_train_start`` comes after that.
+    Used only for the module's own AdamW without an ``lr_scheduler`` (a changed rate is refused with one).
     """
-    candidates = [path for path in Path(root).glob("**/last*.ckpt")]
-    if not candidates:
-        print(f"lit-entropy: no last*.ckpt under {root}: starting from scratch", file=sys.stderr)
-        return "last"
-    newest = max(candidates, key=lambda path: path.stat().st_mtime)
-    print(f"lit-entropy: resuming from {newest}", file=sys.stderr)
-    return str(newest)
+
+    def __init__(self, learning_rate: float, checkpoint_rate: float) -> None:
+        self.learning_rate = learning_rate
+        self.checkpoint_rate = checkpoint_rate
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate
+                if "initial_lr" in group:
+                    group["initial_lr"] = self.learning_rate
+        print(
+            f"lit-entropy: learning rate {self.learning_rate:g} (the checkpoint's optimizer had "
+            f"{self.checkpoint_rate:g})",
+            file=sys.stderr,
+        )
 
 
 def _project_error(error: BaseException) -> LitEntropyError | None:
