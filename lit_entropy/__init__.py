@@ -8,7 +8,7 @@ from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView, Regularizer, Replacements
-from lit_entropy.rewards import Reward
+from lit_entropy.rewards import Reward, RewardFailureError
 from lit_entropy.rollout import Rollout, Sampling
 from lit_entropy.sft import SFT
 
@@ -35,6 +35,7 @@ __all__ = [
     "Quantization",
     "Regularizer",
     "Reward",
+    "RewardFailureError",
     "Rollout",
     "Sampling",
 ]

@@ -88,6 +88,9 @@ class GRPO(LightningModule):
         lr_scheduler: scheduler factory, stepped after every optimizer update.
         max_grad_norm: gradient clipping by global norm (None = off).
         reward_on_error: the score of a completion whose reward function raised.
+        reward_max_error_fraction: a scoring call stops the run (`RewardFailureError`, naming the function and its
+            first error) when one reward function fails on every completion, or on more than this share of
+            them; None only counts failures (``rollout/reward_errors``).
         chat_template: apply the tokenizer's chat template (None = when it has one).
         system_prompt: system message (chat) or prefix (plain prompts).
         val_num_samples: sampled completions per validation prompt for ``val/reward`` (0 = greedy only).
@@ -122,6 +125,7 @@ class GRPO(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
         reward_on_error: float = 0.0,
+        reward_max_error_fraction: float | None = 1.0,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
         val_num_samples: int = 4,
@@ -162,7 +166,9 @@ class GRPO(LightningModule):
             max_consecutive_nonfinite
         )  # checkpointed: a resumed run keeps counting
         self._validate()
-        self.reward_scorer = RewardScorer(rewards, on_error=reward_on_error)
+        self.reward_scorer = RewardScorer(
+            rewards, on_error=reward_on_error, max_error_fraction=reward_max_error_fraction
+        )
         self.policy: torch.nn.Module | None = None
         # (decoder, head) of the policy for the fused head path; a tuple so they are not registered twice
         self._lm_parts: tuple[torch.nn.Module, torch.nn.Module] | None = None

@@ -857,7 +857,10 @@ COUNTED: dict[str, tuple[Reward, int]] = {
 @pytest.mark.parametrize("case_id", list(COUNTED))
 def test_counted_input(case_id: str, caplog: pytest.LogCaptureFixture) -> None:
     reward, timeouts = COUNTED[case_id]
-    scorer = RewardScorer([reward, Reward("lit_entropy.rewards.exact_match")], on_error=-1.0)
+    # max_error_fraction=None: failing on both completions is counted here; by default it stops the run
+    scorer = RewardScorer(
+        [reward, Reward("lit_entropy.rewards.exact_match")], on_error=-1.0, max_error_fraction=None
+    )
     result = scorer(["a", "b"], [{"answer": "a"}, {"answer": "x"}])
     name = reward.fn.rsplit(".", 1)[1]
     assert torch.equal(result.per_function[name], torch.tensor([-1.0, -1.0]))  # on_error
@@ -887,7 +890,9 @@ def test_failing_rewards_are_counted_and_the_fit_goes_on(tiny_model_dir: Path, t
         Reward(f"{HERE}.hangs_every_fifth_call", weight=0.1, timeout=0.2),
     ]
     recorder = _Outputs()
-    trainer, module = short_fit(tiny_model_dir, tmp_path, [recorder], iterations=2, rewards=rewards)
+    trainer, module = short_fit(
+        tiny_model_dir, tmp_path, [recorder], iterations=2, rewards=rewards, reward_max_error_fraction=None
+    )
     assert trainer.global_step == 2 and len(recorder.outputs) == 2
     for outputs in recorder.outputs:
         # 8 completions per iteration: returns_text fails on all 8, the others on some

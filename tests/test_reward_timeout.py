@@ -71,6 +71,7 @@ def test_a_hung_call_is_cut_at_the_timeout_scored_on_error_and_counted() -> None
     scorer = RewardScorer(
         [Reward(f"{HERE}.hanging_reward", timeout=0.2), Reward("lit_entropy.rewards.numeric_match")],
         on_error=-1.0,
+        max_error_fraction=None,  # every call hangs: counted, not an error
     )
     started = time.perf_counter()
     result = scorer(COMPLETIONS[:3], EXAMPLES[:3])
@@ -116,7 +117,7 @@ def test_a_raising_reward_with_a_timeout_is_still_isolated_and_not_a_timeout() -
 
 
 def test_a_function_raising_timeouterror_itself_is_an_error_not_a_timeout() -> None:
-    scorer = RewardScorer([Reward(f"{HERE}.raises_timeout_error", timeout=2.0)])
+    scorer = RewardScorer([Reward(f"{HERE}.raises_timeout_error", timeout=2.0)], max_error_fraction=None)
     result = scorer(["a", "b"], [{}] * 2)
     assert result.num_errors == 2 and result.num_timeouts == 0
 
@@ -144,7 +145,9 @@ def test_too_many_stuck_calls_raise_a_clear_error() -> None:
 
 
 def test_calls_that_finish_late_free_their_slot() -> None:
-    scorer = RewardScorer([Reward(f"{HERE}.short_sleep_reward", timeout=0.05)], max_abandoned=1)
+    scorer = RewardScorer(
+        [Reward(f"{HERE}.short_sleep_reward", timeout=0.05)], max_abandoned=1, max_error_fraction=None
+    )
     assert scorer(["a"], [{}]).num_timeouts == 1
     time.sleep(0.8)  # the abandoned call returns after 0.4 s and its thread exits
     assert scorer(["b"], [{}]).num_timeouts == 1  # no RewardTimeoutError: nothing is still stuck
