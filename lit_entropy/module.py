@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -201,8 +202,11 @@ class GRPO(LightningModule):
             )
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm must be a finite number > 0 or null, got {self.max_grad_norm}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            # an infinite rate turns the weights to NaN while the loss of that update still looks finite
+            raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
             raise ConfigError(
                 "loss.kl_coef > 0 needs a reference policy: set policy.lora (adapters off = reference)"

@@ -6,6 +6,7 @@ Shapes: ``B`` prompts per RL iteration, ``G`` completions per prompt (``group_si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,9 @@ class Sampling:
             raise ConfigError(f"sampling.group_size must be >= 2 for group advantages, got {self.group_size}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            # inf would sample uniformly without a word; nan would fail inside generation
+            raise ConfigError(f"sampling.temperature must be a finite number > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:

@@ -601,6 +601,40 @@ def _(ctx: Ctx) -> Expect:
     return Expect(Sampling(temperature=0.0).validate, ConfigError, ["sampling.temperature", "got 0.0"])
 
 
+@case("sampling-temperature-nan")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        Sampling(temperature=math.nan).validate, ConfigError, ["sampling.temperature", "finite", "nan"]
+    )
+
+
+@case("sampling-temperature-inf")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        Sampling(temperature=math.inf).validate, ConfigError, ["sampling.temperature", "finite", "inf"]
+    )
+
+
+@case("learning-rate-negative")
+def _(ctx: Ctx) -> Expect:
+    return Expect(lambda: grpo(ctx, learning_rate=-0.001), ConfigError, ["learning_rate", "> 0", "-0.001"])
+
+
+@case("learning-rate-nan")
+def _(ctx: Ctx) -> Expect:
+    return Expect(lambda: grpo(ctx, learning_rate=math.nan), ConfigError, ["learning_rate", "finite", "nan"])
+
+
+@case("learning-rate-inf")
+def _(ctx: Ctx) -> Expect:
+    return Expect(lambda: grpo(ctx, learning_rate=math.inf), ConfigError, ["learning_rate", "finite", "inf"])
+
+
+@case("max-grad-norm-nan")
+def _(ctx: Ctx) -> Expect:
+    return Expect(lambda: grpo(ctx, max_grad_norm=math.nan), ConfigError, ["max_grad_norm", "finite", "nan"])
+
+
 @case("sampling-top-p-above-one")
 def _(ctx: Ctx) -> Expect:
     return Expect(Sampling(top_p=1.5).validate, ConfigError, ["sampling.top_p", "(0, 1]", "got 1.5"])
