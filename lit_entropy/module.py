@@ -202,7 +202,9 @@ class GRPO(LightningModule):
             )
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
             raise ConfigError(f"max_grad_norm must be a finite number > 0 or null, got {self.max_grad_norm}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             # an infinite rate turns the weights to NaN while the loss of that update still looks finite
