@@ -59,7 +59,7 @@ from lit_entropy.model import (
     trainable_parameters,
 )
 from lit_entropy.nonfinite_guard import NonfiniteGuard
-from lit_entropy.preflight import preflight
+from lit_entropy.preflight import check_writable, preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import IterationOutputs, Regularizer, find_regularizers
 from lit_entropy.rewards import Reward, RewardScorer
@@ -266,11 +266,22 @@ class GRPO(LightningModule):
     def on_fit_start(self) -> None:
         # every check that needs the model, the tokenizer and the data together, before any compute
         preflight(self, self.trainer.datamodule)
+        # every output is written to at the end or at a save: a folder that cannot be written fails now
+        check_writable(self.adapter_folder(), "adapter_dir")
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                check_writable(callback.dirpath, "the checkpoint folder (checkpoint.dirpath)")
         self._regularizers = find_regularizers(self.trainer.callbacks)
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
         rank_zero_info(
             f"lit_entropy: {self.batch_split(prompts).updates} optimizer update(s) per RL iteration; "
             f"regularizers: {[r.name for r in self._regularizers] or 'none'}"
+        )
+
+    def adapter_folder(self) -> str:
+        """Where `on_fit_end` saves the adapter: ``adapter_dir``, or ``<log_dir>/adapter``."""
+        return self.adapter_dir or os.path.join(
+            self.trainer.log_dir or self.trainer.default_root_dir, "adapter"
         )
 
     def batch_split(self, prompts: int) -> BatchSplit:
@@ -590,9 +601,7 @@ class GRPO(LightningModule):
                 f"reward {_mean(first, 0):.3f} -> {_mean(last, 0):.3f}, "
                 f"entropy {_mean(first, 1):.3f} -> {_mean(last, 1):.3f} nats"
             )
-        folder = self.adapter_dir or os.path.join(
-            self.trainer.log_dir or self.trainer.default_root_dir, "adapter"
-        )
+        folder = self.adapter_folder()
         self.policy.save_pretrained(folder, state_dict=adapter_state)
         self.tokenizer.save_pretrained(folder)
         rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")

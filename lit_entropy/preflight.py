@@ -25,7 +25,10 @@ data module.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lit_entropy.errors import ConfigError, DataError, ModelLoadError
@@ -237,6 +240,32 @@ def _describe_tokenizer(policy_config: Any) -> str:
         field = "policy.tokenizer_path" if getattr(policy_config, "tokenizer_path", None) else "policy.path"
         return f"{field} '{path}'"
     return "the embedded model" if getattr(policy_config, "embedded", None) is not None else "the policy"
+
+
+def check_writable(folder: str | os.PathLike[str], what: str) -> None:
+    """The folder exists and takes a file, or can be created: found before compute, not at the first save.
+
+    Creates nothing that stays: the nearest existing folder on the way receives one temporary file, removed at
+    once.
+
+    Raises:
+        ConfigError: Naming ``what``, the folder and why it cannot be written.
+    """
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} '{folder}' cannot be created: '{existing}' is a file, not a folder")
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".lit_entropy-write-check-")
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise ConfigError(
+            f"{what} '{folder}' is not writable ({error.strerror or error} in '{existing}'): "
+            "choose another folder, or fix its permissions, before training"
+        ) from None
 
 
 def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True) -> None:

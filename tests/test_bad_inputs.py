@@ -33,7 +33,7 @@ from lit_entropy.errors import ConfigError, DataError, ModelLoadError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, load_policy
 from lit_entropy.module import GRPO
-from lit_entropy.preflight import check_special_tokens, check_vocabulary, preflight
+from lit_entropy.preflight import check_special_tokens, check_vocabulary, check_writable, preflight
 from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.rewards import Reward, RewardScorer, RewardTimeoutError
 from lit_entropy.rollout import Sampling
@@ -635,6 +635,15 @@ def _(ctx: Ctx) -> Expect:
     return Expect(lambda: grpo(ctx, max_grad_norm=math.nan), ConfigError, ["max_grad_norm", "finite", "nan"])
 
 
+@case("adapter-dir-under-a-file")
+def _(ctx: Ctx) -> Expect:
+    blocker = ctx.write("blocker", "a file where a folder should be")
+    folder = f"{blocker}/adapter"
+    return Expect(
+        lambda: check_writable(folder, "adapter_dir"), ConfigError, ["adapter_dir", folder, "is a file"]
+    )
+
+
 @case("sampling-top-p-above-one")
 def _(ctx: Ctx) -> Expect:
     return Expect(Sampling(top_p=1.5).validate, ConfigError, ["sampling.top_p", "(0, 1]", "got 1.5"])
@@ -945,3 +954,13 @@ def test_docs_table_lists_exactly_these_cases() -> None:
     assert sorted(documented) == sorted(expected)
     assert len(documented) == len(set(documented))
     assert "`test_failing_rewards_are_counted_and_the_fit_goes_on`" in text
+
+
+def test_an_unwritable_adapter_dir_stops_the_fit_before_any_update(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match="adapter_dir .*blocker/adapter.* is a file"):
+        short_fit(tiny_model_dir, tmp_path, [], iterations=2, adapter_dir=str(blocker / "adapter"))
+    assert blocker.read_text() == "a file where a folder should be"
