@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_entropy.errors import ConfigError, LitEntropyError
+from lit_entropy.errors import ConfigError, LitEntropyError, one_line
 
 __all__ = [
     "Reward",
@@ -628,7 +628,7 @@ class _CallTimedOut(Exception):
 
 def _describe(error: BaseException) -> str:
     """``"TypeError: message"`` on one line (long messages cut), for error messages."""
-    text = " ".join(str(error).split())
+    text = one_line(error)
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
