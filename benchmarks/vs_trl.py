@@ -451,7 +451,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from lit_entropy.prompts import render_prompt
-    from lit_entropy.rewards import Reward, RewardScorer
+    from lit_entropy.reward_scorer import RewardScorer
+    from lit_entropy.reward_spec import Reward
     from lit_entropy.tokenizer import load_tokenizer
 
     sizes = _sizes(args)

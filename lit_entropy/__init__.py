@@ -8,7 +8,8 @@ from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView, Regularizer, Replacements
-from lit_entropy.rewards import Reward, RewardFailureError
+from lit_entropy.reward_scorer import RewardFailureError
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling
 from lit_entropy.sft import SFT
 

@@ -62,7 +62,8 @@ from lit_entropy.nonfinite_guard import NonfiniteGuard
 from lit_entropy.preflight import check_writable, preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import IterationOutputs, Regularizer, find_regularizers
-from lit_entropy.rewards import Reward, RewardScorer
+from lit_entropy.reward_scorer import RewardScorer
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
 

@@ -217,7 +217,7 @@ def check_reward_fields(scorer: Any, row: Mapping[str, Any], source: str) -> Non
     Raises:
         DataError: Naming the reward, the missing field, the row and its columns.
     """
-    rewards_log = logging.getLogger("lit_entropy.rewards")
+    rewards_log = logging.getLogger("lit_entropy.reward_scorer")
     disabled, rewards_log.disabled = rewards_log.disabled, True  # a probe's failure is not a training warning
     try:
         result = scorer([str(row.get("answer", ""))], [row], check_failures=False)

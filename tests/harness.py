@@ -16,7 +16,7 @@ from lit_entropy.data import CountdownDataModule
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import MinibatchView, scalar_outputs
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 

@@ -32,7 +32,7 @@ from lit_entropy.data import CountdownDataModule  # noqa: E402
 from lit_entropy.model import LoRA, Policy  # noqa: E402
 from lit_entropy.module import GRPO  # noqa: E402
 from lit_entropy.regularizer import scalar_outputs  # noqa: E402
-from lit_entropy.rewards import Reward  # noqa: E402
+from lit_entropy.reward_spec import Reward  # noqa: E402
 from lit_entropy.rollout import Sampling  # noqa: E402
 
 ITERATIONS = 6

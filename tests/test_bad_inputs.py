@@ -35,7 +35,8 @@ from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, 
 from lit_entropy.module import GRPO
 from lit_entropy.preflight import check_special_tokens, check_vocabulary, check_writable, preflight
 from lit_entropy.regularizer import scalar_outputs
-from lit_entropy.rewards import Reward, RewardScorer, RewardTimeoutError
+from lit_entropy.reward_scorer import RewardScorer, RewardTimeoutError
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 HERE = __name__

@@ -23,7 +23,7 @@ from lit_entropy.data import CountdownDataModule
 from lit_entropy.errors import ConfigError, DataError
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 # --- helpers -------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerFast
 
 from lit_entropy.data import PromptDataModule, control_characters, load_prompt_rows, warn_unknown_characters
 from lit_entropy.errors import DataError
-from lit_entropy.rewards import Reward, RewardScorer
+from lit_entropy.reward_scorer import RewardScorer
+from lit_entropy.reward_spec import Reward
 
 
 def _write(path: Path, text: str) -> str:

@@ -15,7 +15,7 @@ from lit_entropy.functional import token_logprobs_and_entropy
 from lit_entropy.head import default_chunk_size, head_logprobs_and_entropy, is_frozen_linear
 from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm
 from lit_entropy.module import GRPO
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 from lit_entropy.tokenizer import build_char_tokenizer
 

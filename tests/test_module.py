@@ -23,7 +23,7 @@ from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import scalar_outputs
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 VOCAB = 99  # the character tokenizer's V

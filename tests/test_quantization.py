@@ -102,7 +102,7 @@ def test_qlora_fit_at_a_repackable_width(tmp_path, monkeypatch, avx512bf16):
 
     from lit_entropy.data import CountdownDataModule
     from lit_entropy.module import GRPO
-    from lit_entropy.rewards import Reward
+    from lit_entropy.reward_spec import Reward
     from lit_entropy.rollout import Sampling
 
     tokenizer = build_char_tokenizer()

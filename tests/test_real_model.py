@@ -24,7 +24,7 @@ from lit_entropy.module import GRPO
 from lit_entropy.pretrained import DEFAULT_DIR, gguf_file_of, prepare
 from lit_entropy.prompts import render_prompt
 from lit_entropy.quantization import is_cpu_repacked
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 NAME = "SmolLM2-135M-Instruct"

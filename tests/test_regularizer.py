@@ -26,7 +26,7 @@ from lit_entropy.regularizer import (
     combine,
     find_regularizers,
 )
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 

@@ -39,7 +39,7 @@ from lit_entropy.errors import LitEntropyError
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, scalar_outputs
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
 
 HERE = Path(__file__).resolve().parent
@@ -537,7 +537,7 @@ def test_failing_and_hanging_rewards_are_scored_on_error_counted_and_the_fit_goe
     ]
     started = time.monotonic()
     try:
-        with caplog.at_level(logging.WARNING, logger="lit_entropy.rewards"):
+        with caplog.at_level(logging.WARNING, logger="lit_entropy.reward_scorer"):
             trainer, _ = small_fit(
                 tiny_model_dir,
                 tmp_path,

@@ -20,7 +20,8 @@ from harness import short_fit
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_entropy.errors import ConfigError, LitEntropyError
-from lit_entropy.rewards import Reward, RewardFailureError, RewardScorer
+from lit_entropy.reward_scorer import RewardFailureError, RewardScorer
+from lit_entropy.reward_spec import Reward
 
 HERE = __name__
 _RELEASE = threading.Event()

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lit_entropy.errors import ConfigError, LitEntropyError
-from lit_entropy.rewards import Reward, RewardScorer, RewardTimeoutError
+from lit_entropy.reward_scorer import RewardScorer, RewardTimeoutError
+from lit_entropy.reward_spec import Reward
 
 HERE = __name__
 _RELEASE = threading.Event()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lit_entropy.errors import ConfigError
+from lit_entropy.reward_scorer import RewardScorer
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rewards import (
-    Reward,
-    RewardScorer,
     answer_format,
     exact_match,
     extract_last_number,
@@ -218,7 +218,7 @@ def test_scorer_isolates_a_function_that_raises_on_one_completion(caplog: pytest
     )
     completions = ["ab", "boom", "cde", "boom"]
     examples = [{"answer": "ab"}, {"answer": "boom"}, {"answer": "x"}, {"answer": "y"}]
-    with caplog.at_level(logging.WARNING, logger="lit_entropy.rewards"):
+    with caplog.at_level(logging.WARNING, logger="lit_entropy.reward_scorer"):
         result = scorer(completions, examples)
     # flaky = [2, on_error, 3, on_error] = [2, -1, 3, -1]; exact = [1, 1, 0, 0] (unaffected by the failure).
     assert torch.equal(result.per_function["flaky_reward"], torch.tensor([2.0, -1.0, 3.0, -1.0]))

@@ -13,7 +13,7 @@ import torch
 from lit_entropy.errors import ConfigError
 from lit_entropy.model import LoRA, Policy, load_policy
 from lit_entropy.module import GRPO
-from lit_entropy.rewards import Reward
+from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling, SequenceBatch, completion_keep_mask, generate_rollout
 
 PAD, EOS = 0, 1  # ids of the character tokenizer

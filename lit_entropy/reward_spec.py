@@ -1,0 +1,71 @@
+"""`Reward`: one reward function in a config, and the import of the function it names.
+
+Safety: ``fn`` is imported with ``importlib.import_module``, which executes the module's top-level code (and
+its imports) with the trainer's privileges; the function then sees every completion and dataset row. Only name
+code you trust.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lit_entropy.errors import ConfigError
+
+__all__ = ["Reward", "resolve_reward_function"]
+
+
+@dataclass
+class Reward:
+    """One reward function in a config: import path and weight.
+
+    Attributes:
+        fn: Import path, ``"package.module.function"`` or ``"package.module:function"``.
+        weight: Multiplier of this function's values in the total reward.
+        name: Metric name; default: the function's ``__name__``.
+        kwargs: Extra keyword arguments passed on every call.
+        timeout: Seconds one call (one completion) may take; a slower call scores ``on_error`` and is counted
+            as a timeout. ``None`` (default): no limit, the function runs in the training thread. With a
+            timeout it runs in a daemon worker thread, so it must not rely on ``signal.alarm`` (main thread
+            only); a call that never returns is abandoned, not killed (see `lit_entropy.reward_scorer`).
+    """
+
+    fn: str
+    weight: float = 1.0
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+def resolve_reward_function(path: str) -> Callable[..., Any]:
+    """Imports the callable named by ``"package.module.function"`` or ``"package.module:attr.attr"``.
+
+    Raises:
+        ConfigError: Naming ``path`` when it is malformed, the module cannot be imported, the attribute
+            is missing, or the object is not callable.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"reward fn must be an import path like 'package.module.function', got {path!r}")
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+    else:
+        module_name, _, attr_path = path.rpartition(".")
+    if not module_name or not attr_path:
+        raise ConfigError(f"reward fn {path!r} is not an import path like 'package.module.function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"reward fn {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module's own top-level code failed (SyntaxError, a missing file, ...)
+        raise ConfigError(
+            f"reward fn {path!r}: importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ConfigError(f"reward fn {path!r}: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ConfigError(f"reward fn {path!r} is not callable (got {type(obj).__name__})")
+    return obj
