@@ -22,237 +22,44 @@ validation, as `EntropyLaw` pairs them, so the table's a and b agree with the ca
 is the CSV's ``step``, which Lightning advances once per training batch: one RL iteration.
 
 matplotlib is optional (``pip install 'lit-entropy[report]'``); everything but the drawing is plain Python.
+
+Runs are read by `lit_entropy.run_log`, the figures drawn by `lit_entropy.report_figures`; this module holds
+the summary table, ``write_report`` and the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
-import math
-import re
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from lit_entropy.callbacks.entropy_law import LawFit, fit_entropy_law, predict
 from lit_entropy.errors import ConfigError, DataError
+from lit_entropy.report_figures import (
+    accuracy_figure,
+    band_figure,
+    import_pyplot,
+    pass_at_k_figure,
+    rolling_mean,
+)
+from lit_entropy.run_log import ACCURACY, ENTROPY, REWARD, RunLog, last_pass_at_k, load_run, validation_pairs
 
 __all__ = [
     "LabelSummary",
-    "RunLog",
-    "aggregate",
-    "config_label",
-    "find_metrics_csv",
-    "load_run",
+    "early_law_error",
+    "fit_label",
     "main",
     "markdown_table",
-    "read_metrics",
-    "rolling_mean",
     "summarize",
-    "validation_pairs",
     "write_report",
 ]
 
-BASELINE_LABEL = "GRPO"
-ENTROPY = "train/entropy"
-REWARD = "rollout/reward_mean"
-ACCURACY = "val/accuracy"
-_PASS_AT = re.compile(r"^val/pass@(\d+)$")
-_VERSION = re.compile(r"version_(\d+)$")
-
-#: one metric's points of one run, ``(step, value)`` in step order
-Series = list[tuple[int, float]]
-
-
-# --- reading logs --------------------------------------------------------------------------------------
-
-
-def find_metrics_csv(run_dir: Path) -> Path:
-    """The newest ``metrics.csv`` under ``run_dir`` (by modification time, then ``version_N``, then path).
-
-    Raises:
-        DataError: ``run_dir`` is not a folder or holds no ``metrics.csv``.
-    """
-    if not run_dir.is_dir():
-        raise DataError(f"run folder {str(run_dir)!r} does not exist")
-    found = sorted(run_dir.glob("**/metrics.csv"), key=_newest_key)
-    if not found:
-        raise DataError(f"no metrics.csv under {str(run_dir)!r}: is it the log folder of a CSVLogger run?")
-    return found[-1]
-
-
-def _newest_key(path: Path) -> tuple[float, int, str]:
-    version = _VERSION.search(path.parent.name)
-    return (path.stat().st_mtime, int(version.group(1)) if version else -1, str(path))
-
-
-def read_metrics(path: Path) -> dict[str, Series]:
-    """Every metric column of a CSVLogger ``metrics.csv`` as ``(step, value)`` points, empty cells skipped.
-
-    Raises:
-        DataError: the file has no ``step`` column, or a cell that is not a number.
-    """
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise DataError(f"{path} has no 'step' column: is it a Lightning CSVLogger metrics.csv?")
-        series: dict[str, Series] = {name: [] for name in reader.fieldnames if name not in ("step", "epoch")}
-        for line, row in enumerate(reader, start=2):
-            try:
-                step = int(float(row["step"]))
-                for name in series:
-                    cell = row.get(name)
-                    if cell not in (None, ""):
-                        series[name].append((step, float(cell)))
-            except ValueError as error:
-                raise DataError(f"{path} line {line}: {error}") from None
-    for points in series.values():
-        points.sort(key=lambda point: point[0])  # stable: rows of one step keep their order
-    return {name: points for name, points in series.items() if points}
-
-
-def config_label(config: dict[str, Any]) -> str:
-    """The label of a run from its LightningCLI ``config.yaml``: its regularizers' class names, or ``GRPO``.
-
-    A callback counts as a regularizer when its class imports and subclasses `lit_entropy.Regularizer`;
-    a class that does not import counts too, unless it comes from Lightning (it may be a user's regularizer
-    whose package is not installed here).
-    """
-    callbacks = ((config or {}).get("trainer") or {}).get("callbacks") or []
-    if isinstance(callbacks, dict):
-        callbacks = [callbacks]
-    names = []
-    for callback in callbacks:
-        class_path = callback.get("class_path") if isinstance(callback, dict) else callback
-        if isinstance(class_path, str) and _is_regularizer(class_path):
-            names.append(class_path.rsplit(".", 1)[-1])
-    return "+".join(names) or BASELINE_LABEL
-
-
-def _is_regularizer(class_path: str) -> bool:
-    from lit_entropy.regularizer import Regularizer
-
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        return not class_path.startswith(("lightning.", "pytorch_lightning."))
-    return isinstance(cls, type) and issubclass(cls, Regularizer)
-
-
-@dataclass
-class RunLog:
-    """One run's metrics.
-
-    Attributes:
-        label: the run's label (its regularizers, or ``--labels``).
-        path: the ``metrics.csv`` read.
-        metrics: metric name -> ``(step, value)`` points.
-    """
-
-    label: str
-    path: Path
-    metrics: dict[str, Series] = field(repr=False)
-
-    def values(self, name: str) -> list[float]:
-        return [value for _, value in self.metrics.get(name, [])]
-
-
-def load_run(run_dir: Path, label: str | None = None) -> RunLog:
-    """Read the newest ``metrics.csv`` under ``run_dir`` and label it (``label``, else from ``config.yaml``).
-
-    ``config.yaml`` is looked for next to ``metrics.csv``, then in its parents up to ``run_dir``; without one
-    the run is the baseline, ``GRPO``.
-
-    Raises:
-        DataError: no ``metrics.csv``, no ``train/entropy`` in it, or an unreadable ``config.yaml``.
-    """
-    path = find_metrics_csv(run_dir)
-    metrics = read_metrics(path)
-    if ENTROPY not in metrics:
-        raise DataError(f"{path} has no {ENTROPY!r} values: is it the log of a lit_entropy training run?")
-    if label is None:
-        label = BASELINE_LABEL
-        for folder in [path.parent, *path.parent.parents]:
-            config_path = folder / "config.yaml"
-            if config_path.is_file():
-                try:
-                    label = config_label(yaml.safe_load(config_path.read_text()))
-                except yaml.YAMLError as error:
-                    raise DataError(f"{config_path} is not valid YAML: {error}") from None
-                break
-            if folder == run_dir:
-                break
-    return RunLog(label=label, path=path, metrics=metrics)
-
-
-# --- pure computations ---------------------------------------------------------------------------------
-
-
-def rolling_mean(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean of ``window`` values (fewer at the start): ``out[i] = mean(v[i-w+1 : i+1])``."""
-    if window < 1:
-        raise ConfigError(f"rolling window={window} must be >= 1")
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def aggregate(series: Sequence[Series]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Mean, min and max across runs at every step any run has (each over the runs that have that step).
-
-    Returns:
-        ``(steps, mean, low, high)``, in step order.
-    """
-    by_step: dict[int, list[float]] = {}
-    for points in series:
-        for step, value in points:
-            by_step.setdefault(step, []).append(value)
-    steps = sorted(by_step)
-    return (
-        steps,
-        [statistics.fmean(by_step[s]) for s in steps],
-        [min(by_step[s]) for s in steps],
-        [max(by_step[s]) for s in steps],
-    )
-
-
-def validation_pairs(run: RunLog) -> list[tuple[float, float]]:
-    """``(entropy, accuracy)`` per validation: each ``val/accuracy`` at step ``s`` with the mean
-    ``train/entropy`` of the steps in ``(s_prev, s]`` (``s_prev``: the previous validation), as `EntropyLaw`
-    pairs them. A validation with no training step in its window gives no pair."""
-    entropy = run.metrics.get(ENTROPY, [])
-    pairs, previous = [], -math.inf
-    for step, accuracy in run.metrics.get(ACCURACY, []):
-        window = [value for s, value in entropy if previous < s <= step]
-        if window:
-            pairs.append((statistics.fmean(window), accuracy))
-        previous = step
-    return pairs
-
-
-def last_pass_at_k(run: RunLog) -> dict[int, float]:
-    """``{K: val/pass@K}`` at the run's last validation that logged any pass@K."""
-    columns = {int(m.group(1)): name for name in run.metrics if (m := _PASS_AT.match(name))}
-    if not columns:
-        return {}
-    last = max(run.metrics[name][-1][0] for name in columns.values())
-    return {
-        k: [value for step, value in run.metrics[name] if step == last][-1]
-        for k, name in sorted(columns.items())
-        if any(step == last for step, _ in run.metrics[name])
-    }
+# --- summaries -----------------------------------------------------------------------------------------
 
 
 def fit_label(runs: Sequence[RunLog]) -> LawFit | None:
@@ -394,90 +201,7 @@ def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- figures -------------------------------------------------------------------------------------------
-
-
-def _import_pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ConfigError("lit-entropy report needs matplotlib: pip install 'lit-entropy[report]'") from error
-    matplotlib.use("Agg")  # files only: never open a window, works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: str, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, series in groups.items():
-        steps, mean, low, high = aggregate(series)
-        (line,) = axes.plot(steps, mean, label=f"{label} (n={len(series)})")
-        if len(series) > 1:
-            axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axes.set_xlabel("RL iteration (logged step)")
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _accuracy_figure(
-    plt: Any, groups: dict[str, list[RunLog]], fits: dict[str, LawFit | None], path: Path
-) -> None:
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, runs in groups.items():
-        pairs = [pair for run in runs for pair in validation_pairs(run)]
-        if not pairs:
-            continue
-        entropy = [h for h, _ in pairs]
-        points = axes.scatter(entropy, [r for _, r in pairs], s=14, alpha=0.7, label=label)
-        fit = fits[label]
-        if fit is not None:
-            grid = torch.linspace(min(entropy), max(entropy), 100, dtype=torch.float64)
-            axes.plot(
-                grid.tolist(),
-                predict(fit, grid).tolist(),
-                color=points.get_facecolor()[0],
-                label=f"{label}: {fit.b:.3f} - {fit.a:.3f} exp(H), R²={fit.r2:.3f}",
-            )
-    axes.set_xlabel("training entropy H (nats, mean since the previous validation)")
-    axes.set_ylabel(ACCURACY)
-    axes.set_title("Validation accuracy against entropy, with R = -a exp(H) + b")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    all_k: set[int] = set()
-    for label, runs in groups.items():
-        per_run = [last_pass_at_k(run) for run in runs]
-        ks = sorted({k for p in per_run for k in p})
-        if not ks:
-            continue
-        all_k.update(ks)
-        values = [[p[k] for p in per_run if k in p] for k in ks]
-        mean = [statistics.fmean(v) for v in values]
-        errors = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
-        axes.errorbar(ks, mean, yerr=errors, marker="o", capsize=3, label=f"{label} (n={len(runs)})")
-    if all_k and max(all_k) / min(all_k) >= 8:
-        axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])
-    axes.set_xlabel("k")
-    axes.set_ylabel("val/pass@k (last validation)")
-    axes.set_title("pass@k (min-max over seeds)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+# --- writing -------------------------------------------------------------------------------------------
 
 
 def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int = 10) -> list[Path]:
@@ -489,7 +213,7 @@ def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int 
     """
     if not runs:
         raise ConfigError("lit-entropy report needs at least one run folder")
-    plt = _import_pyplot()
+    plt = import_pyplot()
     out.mkdir(parents=True, exist_ok=True)
     groups = _by_label(runs)
     summaries = summarize(runs, last=last)
@@ -497,7 +221,7 @@ def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int 
 
     path = out / "entropy_vs_step.png"
     entropy = {label: [run.metrics[ENTROPY] for run in group] for label, group in groups.items()}
-    _band_figure(plt, entropy, "train/entropy (nats)", "Token entropy (min-max over seeds)", path)
+    band_figure(plt, entropy, "train/entropy (nats)", "Token entropy (min-max over seeds)", path)
     written.append(path)
 
     reward = {
@@ -512,17 +236,17 @@ def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int 
     if reward:
         path = out / "reward_vs_step.png"
         title = f"Rollout reward, rolling mean of {smooth} (min-max over seeds)"
-        _band_figure(plt, reward, REWARD, title, path)
+        band_figure(plt, reward, REWARD, title, path)
         written.append(path)
 
     if any(ACCURACY in run.metrics for run in runs):
         path = out / "accuracy_vs_entropy.png"
-        _accuracy_figure(plt, groups, {row.label: row.fit for row in summaries}, path)
+        accuracy_figure(plt, groups, {row.label: row.fit for row in summaries}, path)
         written.append(path)
 
     if any(last_pass_at_k(run) for run in runs):
         path = out / "pass_at_k.png"
-        _pass_at_k_figure(plt, groups, path)
+        pass_at_k_figure(plt, groups, path)
         written.append(path)
 
     path = out / "report.md"
@@ -565,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.smooth < 1:
         raise ConfigError(f"--smooth={args.smooth} must be >= 1")
-    _import_pyplot()  # fail on a missing extra before reading any log
+    import_pyplot()  # fail on a missing extra before reading any log
     labels = args.labels or [None] * len(args.run_dirs)
     runs = [load_run(run_dir, label) for run_dir, label in zip(args.run_dirs, labels)]
     for path in write_report(runs, args.out, smooth=args.smooth, last=args.last):

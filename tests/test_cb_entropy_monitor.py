@@ -180,7 +180,7 @@ def test_is_a_plain_callback_that_the_module_never_asks_for_the_loss():
     from lightning.pytorch import Callback
 
     from lit_entropy.regularizer import Regularizer, find_regularizers
-    from lit_entropy.report import config_label
+    from lit_entropy.run_log import config_label
 
     monitor = EntropyMonitor()
     assert isinstance(monitor, Callback) and not isinstance(monitor, Regularizer)

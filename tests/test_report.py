@@ -14,15 +14,14 @@ import pytest
 import yaml
 
 from lit_entropy.errors import ConfigError, DataError
-from lit_entropy.report import (
+from lit_entropy.report import main
+from lit_entropy.report_figures import aggregate, rolling_mean
+from lit_entropy.run_log import (
     RunLog,
-    aggregate,
     config_label,
     find_metrics_csv,
     load_run,
-    main,
     read_metrics,
-    rolling_mean,
     validation_pairs,
 )
 

@@ -1,0 +1,148 @@
+"""The report's figures (PNG, drawn with matplotlib) and the curves they draw: smoothed, and aggregated over
+seeds into a mean with a min-max band.
+
+matplotlib is optional (``pip install 'lit-entropy[report]'``): `import_pyplot` imports it, the rest takes the
+``pyplot`` module as an argument.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_entropy.callbacks.entropy_law import LawFit, predict
+from lit_entropy.errors import ConfigError
+from lit_entropy.run_log import ACCURACY, RunLog, Series, last_pass_at_k, validation_pairs
+
+__all__ = [
+    "accuracy_figure",
+    "aggregate",
+    "band_figure",
+    "import_pyplot",
+    "pass_at_k_figure",
+    "rolling_mean",
+]
+
+# --- curves --------------------------------------------------------------------------------------------
+
+
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean of ``window`` values (fewer at the start): ``out[i] = mean(v[i-w+1 : i+1])``."""
+    if window < 1:
+        raise ConfigError(f"rolling window={window} must be >= 1")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def aggregate(series: Sequence[Series]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean, min and max across runs at every step any run has (each over the runs that have that step).
+
+    Returns:
+        ``(steps, mean, low, high)``, in step order.
+    """
+    by_step: dict[int, list[float]] = {}
+    for points in series:
+        for step, value in points:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return (
+        steps,
+        [statistics.fmean(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+
+def import_pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ConfigError("lit-entropy report needs matplotlib: pip install 'lit-entropy[report]'") from error
+    matplotlib.use("Agg")  # files only: never open a window, works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: str, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, series in groups.items():
+        steps, mean, low, high = aggregate(series)
+        (line,) = axes.plot(steps, mean, label=f"{label} (n={len(series)})")
+        if len(series) > 1:
+            axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.set_xlabel("RL iteration (logged step)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def accuracy_figure(
+    plt: Any, groups: dict[str, list[RunLog]], fits: dict[str, LawFit | None], path: Path
+) -> None:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, runs in groups.items():
+        pairs = [pair for run in runs for pair in validation_pairs(run)]
+        if not pairs:
+            continue
+        entropy = [h for h, _ in pairs]
+        points = axes.scatter(entropy, [r for _, r in pairs], s=14, alpha=0.7, label=label)
+        fit = fits[label]
+        if fit is not None:
+            grid = torch.linspace(min(entropy), max(entropy), 100, dtype=torch.float64)
+            axes.plot(
+                grid.tolist(),
+                predict(fit, grid).tolist(),
+                color=points.get_facecolor()[0],
+                label=f"{label}: {fit.b:.3f} - {fit.a:.3f} exp(H), R²={fit.r2:.3f}",
+            )
+    axes.set_xlabel("training entropy H (nats, mean since the previous validation)")
+    axes.set_ylabel(ACCURACY)
+    axes.set_title("Validation accuracy against entropy, with R = -a exp(H) + b")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    all_k: set[int] = set()
+    for label, runs in groups.items():
+        per_run = [last_pass_at_k(run) for run in runs]
+        ks = sorted({k for p in per_run for k in p})
+        if not ks:
+            continue
+        all_k.update(ks)
+        values = [[p[k] for p in per_run if k in p] for k in ks]
+        mean = [statistics.fmean(v) for v in values]
+        errors = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
+        axes.errorbar(ks, mean, yerr=errors, marker="o", capsize=3, label=f"{label} (n={len(runs)})")
+    if all_k and max(all_k) / min(all_k) >= 8:
+        axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])
+    axes.set_xlabel("k")
+    axes.set_ylabel("val/pass@k (last validation)")
+    axes.set_title("pass@k (min-max over seeds)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
