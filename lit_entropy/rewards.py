@@ -9,8 +9,8 @@ path with a weight, e.g.::
         weight: 0.1
 
 Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
-``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``, ``lit_entropy.countdown.countdown_reward`` and
-``lit_entropy.countdown.countdown_format_reward``.
+``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``, and for the demo task
+``lit_entropy.demo.countdown.countdown_reward`` and ``lit_entropy.demo.countdown.countdown_format_reward``.
 
 A config entry is a `lit_entropy.reward_spec.Reward`; `lit_entropy.reward_scorer.RewardScorer` combines the
 functions into one weighted reward per completion.
