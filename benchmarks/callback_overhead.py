@@ -250,7 +250,7 @@ def fit(
     rollout_size = args.prompts * args.group
     module = GRPO(
         policy=Policy(embedded=embedded, lora=LoRA(r=16, alpha=32)),
-        rewards=[Reward(fn="lit_entropy.countdown.countdown_reward")],
+        rewards=[Reward(fn="lit_entropy.demo.countdown.countdown_reward")],
         sampling=Sampling(group_size=args.group, max_new_tokens=args.max_new_tokens, temperature=1.0),
         loss=Loss(eps_low=0.2, eps_high=0.2),
         ppo_epochs=1,

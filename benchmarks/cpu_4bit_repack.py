@@ -48,9 +48,9 @@ def main() -> None:
     import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
-    from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, load_policy
+    from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
+    from lit_entropy.model import LoRA, Policy, Quantization, load_policy
     from lit_entropy.quantization import is_cpu_repacked
-    from lit_entropy.tokenizer import build_char_tokenizer
 
     if not has_avx512bf16():
         print("this CPU has no AVX512-BF16: bitsandbytes never repacks here, so there is nothing to compare")

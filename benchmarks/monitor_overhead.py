@@ -51,7 +51,7 @@ def fit(args: argparse.Namespace, monitor: TimedMonitor | None, folder: str) -> 
     embedded = EmbeddedModel(warmup_steps=args.warmup_steps, cache_dir=args.cache)
     module = GRPO(
         policy=Policy(embedded=embedded, lora=LoRA(r=16, alpha=32)),
-        rewards=[Reward(fn="lit_entropy.countdown.countdown_reward")],
+        rewards=[Reward(fn="lit_entropy.demo.countdown.countdown_reward")],
         sampling=Sampling(group_size=args.group_size, max_new_tokens=args.max_new_tokens),
         learning_rate=1e-3,
         val_num_samples=0,

@@ -45,7 +45,7 @@ def fit(args: argparse.Namespace, options: dict[str, Any], folder: str) -> list[
     seed_everything(0, verbose=False)
     module = GRPO(
         policy=Policy(embedded=EmbeddedModel(cache_dir=args.cache), lora=LoRA(r=16, alpha=32)),
-        rewards=[Reward(fn="lit_entropy.countdown.countdown_reward")],
+        rewards=[Reward(fn="lit_entropy.demo.countdown.countdown_reward")],
         sampling=Sampling(group_size=args.group_size, max_new_tokens=12),
         minibatch_size=args.batch_size * args.group_size // 2,
         learning_rate=1e-3,

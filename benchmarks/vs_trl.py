@@ -125,7 +125,7 @@ from rss import peak_rss, reset_peak_rss  # noqa: E402  (benchmarks/ is on sys.p
 RESULT_PREFIX = "VS_TRL_RESULT "
 SIDES = ("lit_entropy", "trl")
 PHASES = ("generation", "rewards", "old log-probs", "train forward", "backward", "optimizer", "other")
-REWARD_FN = "lit_entropy.countdown.countdown_reward"
+REWARD_FN = "lit_entropy.demo.countdown.countdown_reward"
 # our Sampling(top_k=None) turns top-k off (generate_rollout passes top_k=0); so does TRL's top_k=0
 TRL_TOP_K = 0
 
@@ -841,8 +841,7 @@ def main() -> None:
     if args.model_path is not None:
         folder = os.path.abspath(args.model_path)
     else:
-        from lit_entropy import EmbeddedModel
-        from lit_entropy.embedded import prepare_embedded_model
+        from lit_entropy.demo import EmbeddedModel, prepare_embedded_model
 
         # the embedded recipe's model (its defaults); built once, then both sides load this folder
         folder = prepare_embedded_model(EmbeddedModel(cache_dir=args.cache))

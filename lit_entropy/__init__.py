@@ -1,8 +1,8 @@
 """lit_entropy: PyTorch Lightning RL fine-tuning of language models that keeps the policy's entropy alive."""
 
 from lit_entropy.arithmetic import ArithmeticDataModule
-from lit_entropy.data import CountdownDataModule, PromptDataModule
-from lit_entropy.embedded import EmbeddedModel
+from lit_entropy.data import PromptDataModule
+from lit_entropy.demo import SFT, CountdownDataModule, EmbeddedModel
 from lit_entropy.errors import ConfigError, DataError, LitEntropyError, ModelLoadError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
@@ -11,7 +11,6 @@ from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView,
 from lit_entropy.reward_scorer import RewardFailureError
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling
-from lit_entropy.sft import SFT
 
 __version__ = "0.1.0"
 

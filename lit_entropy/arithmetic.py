@@ -8,9 +8,9 @@ The prompt is plain text (one user turn): `GRPO` renders it with the tokenizer's
 prompt, so the model sees the question the way it was instruction-tuned. A chat model answers in prose
 ("17 + 8 = 25.", "The answer is **25**"), which `lit_entropy.rewards.last_number_match` reads.
 
-Unlike Countdown (`lit_entropy.countdown`) each question has exactly one correct value; what RL changes here is
-mostly *how* the model answers (a short sentence that ends with the number instead of a ramble cut off by
-``max_new_tokens``), which a small instruct model gets partly right from the start.
+Unlike Countdown (`lit_entropy.demo.countdown`) each question has exactly one correct value; what RL changes
+here is mostly *how* the model answers (a short sentence that ends with the number instead of a ramble cut off
+by ``max_new_tokens``), which a small instruct model gets partly right from the start.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from typing_extensions import override
 
-from lit_entropy.data import _VAL_SEED_OFFSET, GeneratedDataModule, Row
+from lit_entropy.data import VAL_SEED_OFFSET, GeneratedDataModule, Row
 from lit_entropy.errors import ConfigError
 
 __all__ = ["ArithmeticDataModule", "apply_operation", "generate_arithmetic_examples"]
@@ -186,7 +186,7 @@ class ArithmeticDataModule(GeneratedDataModule):
             return
         # Validation first, so that training can avoid its questions: with a narrow operand range (``+`` on
         # [1, 20] has 400 questions) dropping overlaps from validation instead would leave almost nothing.
-        val = self._generate(self.num_val, self.seed + _VAL_SEED_OFFSET)
+        val = self._generate(self.num_val, self.seed + VAL_SEED_OFFSET)
         kept: list[int] = []
         seen: set[str] = set()
         for i, row in enumerate(val):

@@ -40,7 +40,6 @@ from lit_entropy.checkpoint_state import (
     trainable_state,
 )
 from lit_entropy.distributed import FSDP2, shard_policy, sum_over_ranks, world_size
-from lit_entropy.embedded import EmbeddedModel
 from lit_entropy.errors import ConfigError
 from lit_entropy.eval_metrics import StageMetrics
 from lit_entropy.functional import group_advantages
@@ -71,7 +70,7 @@ log = logging.getLogger(__name__)
 
 # The checkpoint's hyper_parameters hold these dataclasses; Lightning resumes with torch.load(weights_only=True),
 # which refuses classes that are not allow-listed, so `fit(ckpt_path=...)` would fail without this.
-torch.serialization.add_safe_globals([Policy, LoRA, Quantization, EmbeddedModel, Sampling, Loss, Reward])
+torch.serialization.add_safe_globals([Policy, LoRA, Quantization, Sampling, Loss, Reward])
 
 
 class GRPO(LightningModule):

@@ -14,8 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from lit_entropy.model import build_tiny_causal_lm  # noqa: E402
-from lit_entropy.tokenizer import build_char_tokenizer  # noqa: E402
+from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
 
 #: Sizes of the model in ``tiny_model_dir`` (about 36k parameters, so every test can afford it).
 TINY_HIDDEN_SIZE = 32

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lit_entropy.data import CountdownDataModule
+from lit_entropy.demo import CountdownDataModule
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import MinibatchView, scalar_outputs

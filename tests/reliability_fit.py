@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from lit_entropy.data import CountdownDataModule  # noqa: E402
+from lit_entropy.demo import CountdownDataModule  # noqa: E402
 from lit_entropy.model import LoRA, Policy  # noqa: E402
 from lit_entropy.module import GRPO  # noqa: E402
 from lit_entropy.regularizer import scalar_outputs  # noqa: E402

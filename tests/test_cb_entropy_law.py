@@ -19,7 +19,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_entropy.callbacks.entropy_law import EntropyLaw, LawFit, fit_entropy_law, predict
-from lit_entropy.data import CountdownDataModule
+from lit_entropy.demo import CountdownDataModule
 from lit_entropy.errors import ConfigError, DataError
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lit_entropy.countdown import (
+from lit_entropy.demo.countdown import (
     countdown_format_reward,
     countdown_reward,
     countdown_solutions,

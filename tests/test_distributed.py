@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_entropy.model import build_tiny_causal_lm
-from lit_entropy.tokenizer import build_char_tokenizer
+from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
 
 WORKER = Path(__file__).with_name("distributed_fit.py")
 RANKS, PER_RANK = 2, 4  # prompts per rank per iteration; the single process takes RANKS * PER_RANK

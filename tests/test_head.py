@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import token_logprobs_and_entropy
 from lit_entropy.head import default_chunk_size, head_logprobs_and_entropy, is_frozen_linear
-from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm
+from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
-from lit_entropy.tokenizer import build_char_tokenizer
 
 
 def _naive(hidden, head, tokens, temperature):
@@ -270,7 +270,7 @@ def test_sampler_logprobs_replace_the_old_logprob_pass(tiny_model_dir, tmp_path,
     """With ``sampler_logprobs`` an off-policy fit skips the no-grad pass and trains to nearly the same weights."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from lit_entropy.data import CountdownDataModule
+    from lit_entropy.demo import CountdownDataModule
 
     calls: list[bool] = []
     original = GRPO._logprobs_no_grad

@@ -16,17 +16,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
 from lit_entropy.errors import ConfigError, LitEntropyError, ModelLoadError
 from lit_entropy.model import (
     LoRA,
     Policy,
     Quantization,
-    build_tiny_causal_lm,
     load_policy,
     reference_context,
     trainable_parameters,
 )
-from lit_entropy.tokenizer import build_char_tokenizer, load_tokenizer
+from lit_entropy.tokenizer import load_tokenizer
 
 SAMPLE = "Q: 12 + 34 * 5 - 6 > 7?\nA: yes Xy"
 

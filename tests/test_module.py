@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
 import lit_entropy.module
-from lit_entropy.data import CountdownDataModule
+from lit_entropy.demo import CountdownDataModule
 from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization

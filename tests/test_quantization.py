@@ -14,10 +14,10 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
+from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
 from lit_entropy.errors import ModelLoadError
-from lit_entropy.model import LoRA, Policy, Quantization, build_tiny_causal_lm, load_policy
+from lit_entropy.model import LoRA, Policy, Quantization, load_policy
 from lit_entropy.quantization import is_cpu_repacked, keep_cpu_weights_unpacked
-from lit_entropy.tokenizer import build_char_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -100,7 +100,7 @@ def test_qlora_fit_at_a_repackable_width(tmp_path, monkeypatch, avx512bf16):
     # 128 wide: wide enough for bitsandbytes' repack; a fit with validation (eval-mode generation) on either CPU.
     from harness import WeightsAtStart, quiet_trainer
 
-    from lit_entropy.data import CountdownDataModule
+    from lit_entropy.demo import CountdownDataModule
     from lit_entropy.module import GRPO
     from lit_entropy.reward_spec import Reward
     from lit_entropy.rollout import Sampling

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lit_entropy.data import CountdownDataModule
+from lit_entropy.demo import CountdownDataModule
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import aggregate_loss, clipped_surrogate
 from lit_entropy.loss import Loss, microbatch_loss

@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_entropy.callbacks import EntropyConstraint
 from lit_entropy.cli import find_last_checkpoint
-from lit_entropy.data import CountdownDataModule
+from lit_entropy.demo import CountdownDataModule
 from lit_entropy.errors import LitEntropyError
 from lit_entropy.model import LoRA, Policy
 from lit_entropy.module import GRPO

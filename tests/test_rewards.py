@@ -186,8 +186,8 @@ def test_scorer_weights_and_per_function_values() -> None:
 def test_scorer_countdown_builtins_colon_paths_and_mappings() -> None:
     scorer = RewardScorer(
         [
-            {"fn": "lit_entropy.countdown:countdown_reward", "weight": 2.0},
-            Reward("lit_entropy.countdown.countdown_format_reward", weight=-1.0, name="fmt"),
+            {"fn": "lit_entropy.demo.countdown:countdown_reward", "weight": 2.0},
+            Reward("lit_entropy.demo.countdown.countdown_format_reward", weight=-1.0, name="fmt"),
         ]
     )
     assert scorer.names == ["countdown_reward", "fmt"]

@@ -192,7 +192,7 @@ def tiny_gpt2_dir(tmp_path_factory):
     """
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from lit_entropy.tokenizer import build_char_tokenizer
+    from lit_entropy.demo import build_char_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_gpt2")
     tokenizer = build_char_tokenizer()

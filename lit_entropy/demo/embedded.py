@@ -1,8 +1,8 @@
 """The embedded default policy: a tiny causal LM built from a config, warmed up on the countdown task.
 
 Everything is generated offline: a character-level tokenizer, a random Qwen2-style model, and a short supervised
-warm-up (`lit_entropy.sft.SFT` in its own Lightning Trainer) on generated countdown solutions, so that RL starts
-from a policy that can earn reward. The result is an ordinary model folder that `load_policy` loads like any
+warm-up (`lit_entropy.demo.sft.SFT` in its own Lightning Trainer) on generated countdown solutions, so that RL
+starts from a policy that can earn reward. The result is an ordinary model folder that `load_policy` loads like any
 other; with ``cache_dir`` it is built once per configuration and reused.
 """
 
@@ -18,9 +18,13 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from lit_entropy.countdown import generate_countdown_examples
+from lit_entropy.demo.char_tokenizer import build_char_tokenizer
+from lit_entropy.demo.countdown import generate_countdown_examples
+from lit_entropy.demo.sft import SFT, supervised_batch
+from lit_entropy.demo.tiny_model import build_tiny_causal_lm
 from lit_entropy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,12 @@ class EmbeddedModel:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# A checkpoint's hyper_parameters hold the Policy and so this dataclass; Lightning resumes with
+# torch.load(weights_only=True), which refuses classes that are not allow-listed (`lit_entropy.module` lists
+# the core's own).
+torch.serialization.add_safe_globals([EmbeddedModel])
+
+
 def prepare_embedded_model(config: EmbeddedModel) -> str:
     """Build (or reuse from ``config.cache_dir``) the warmed-up tiny model; returns its folder."""
     config.validate()
@@ -104,12 +114,6 @@ def prepare_embedded_model(config: EmbeddedModel) -> str:
 
 
 def _build(config: EmbeddedModel, folder: str) -> None:
-    from lightning.pytorch import Trainer
-
-    from lit_entropy.model import build_tiny_causal_lm
-    from lit_entropy.sft import SFT, supervised_batch
-    from lit_entropy.tokenizer import build_char_tokenizer
-
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(
         vocab_size=len(tokenizer),
