@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 from typing_extensions import override
 
-from lit_entropy.data import VAL_SEED_OFFSET, GeneratedDataModule, Row
+from lit_entropy.data import VAL_SEED_OFFSET, GeneratedDataModule
 from lit_entropy.errors import ConfigError
+from lit_entropy.prompt_files import Row
 
 __all__ = ["ArithmeticDataModule", "apply_operation", "generate_arithmetic_examples"]
 

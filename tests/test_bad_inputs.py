@@ -28,13 +28,14 @@ from harness import short_fit
 from lightning.pytorch import Callback
 
 from lit_entropy.cli import main
-from lit_entropy.data import PromptDataModule, load_prompt_rows
+from lit_entropy.data import PromptDataModule
 from lit_entropy.demo import CountdownDataModule, build_tiny_causal_lm
 from lit_entropy.errors import ConfigError, DataError, ModelLoadError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization, load_policy
 from lit_entropy.module import GRPO
 from lit_entropy.preflight import check_special_tokens, check_vocabulary, check_writable, preflight
+from lit_entropy.prompt_files import load_prompt_rows
 from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.reward_scorer import RewardScorer, RewardTimeoutError
 from lit_entropy.reward_spec import Reward

@@ -12,9 +12,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lit_entropy.data import PromptDataModule, load_prompt_rows
+from lit_entropy.data import PromptDataModule
 from lit_entropy.demo import CountdownDataModule, generate_countdown_examples
 from lit_entropy.errors import ConfigError, DataError
+from lit_entropy.prompt_files import load_prompt_rows
 from lit_entropy.prompts import render_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from lit_entropy.data import PromptDataModule, control_characters, load_prompt_rows, warn_unknown_characters
+from lit_entropy.data import PromptDataModule
 from lit_entropy.errors import DataError
+from lit_entropy.prompt_characters import control_characters, warn_unknown_characters
+from lit_entropy.prompt_files import load_prompt_rows
 from lit_entropy.reward_scorer import RewardScorer
 from lit_entropy.reward_spec import Reward
 

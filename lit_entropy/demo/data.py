@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing_extensions import override
 
-from lit_entropy.data import VAL_SEED_OFFSET, GeneratedDataModule, Row
+from lit_entropy.data import VAL_SEED_OFFSET, GeneratedDataModule
 from lit_entropy.demo.countdown import generate_countdown_examples
+from lit_entropy.prompt_files import Row
 
 
 class CountdownDataModule(GeneratedDataModule):
