@@ -8,6 +8,7 @@ from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView, Regularizer, Replacements
+from lit_entropy.resumable_checkpoint import ResumableCheckpoint
 from lit_entropy.reward_scorer import RewardFailureError
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling
@@ -30,6 +31,7 @@ __all__ = [
     "MinibatchView",
     "ModelLoadError",
     "Replacements",
+    "ResumableCheckpoint",
     "Policy",
     "PromptDataModule",
     "Quantization",

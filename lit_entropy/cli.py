@@ -13,11 +13,11 @@ from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_entropy.errors import ConfigError, LitEntropyError
+from lit_entropy.resumable_checkpoint import ResumableCheckpoint
 from lit_entropy.run_folder import (
     claim_logger_versions,
     describe,
@@ -195,7 +195,7 @@ class LitEntropyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A periodic checkpoint and a last.ckpt by default, so that `fit --ckpt_path last` has something to
         # resume from after a crash (adapters only: small). `--checkpoint.every_n_train_steps` changes it.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
 
     @override

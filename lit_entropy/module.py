@@ -46,6 +46,7 @@ from lit_entropy.functional import group_advantages
 from lit_entropy.head import completion_logprobs_and_entropy
 from lit_entropy.iteration_stats import IterationSums, iteration_stats
 from lit_entropy.loss import Loss, microbatch_loss
+from lit_entropy.metrics_history import MetricsHistory
 from lit_entropy.minibatch import BatchSplit, RolloutTensors
 from lit_entropy.model import (
     LoRA,
@@ -61,6 +62,7 @@ from lit_entropy.nonfinite_guard import NonfiniteGuard
 from lit_entropy.preflight import check_writable, preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import IterationOutputs, Regularizer, find_regularizers
+from lit_entropy.resumable_checkpoint import warn_inexact_checkpoints
 from lit_entropy.reward_scorer import RewardScorer
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
@@ -248,8 +250,9 @@ class GRPO(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Any]:
-        """A checkpoint at the iteration boundary where a SIGTERM stops the run (`CheckpointOnSigterm`)."""
-        return [CheckpointOnSigterm()]
+        """A checkpoint where a SIGTERM stops the run (`CheckpointOnSigterm`); the metrics rows in every checkpoint
+        (`MetricsHistory`)."""
+        return [CheckpointOnSigterm(), MetricsHistory()]
 
     @override
     def configure_optimizers(self) -> Any:
@@ -271,6 +274,7 @@ class GRPO(LightningModule):
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None):
                 check_writable(callback.dirpath, "the checkpoint folder (checkpoint.dirpath)")
+        warn_inexact_checkpoints(self.trainer)
         self._regularizers = find_regularizers(self.trainer.callbacks)
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
         rank_zero_info(

@@ -6,14 +6,22 @@ and nothing of the next one has run. This callback writes a checkpoint there, as
 ``ModelCheckpoint`` folder, so ``fit --ckpt_path last`` resumes exactly where the run stopped. `GRPO` adds it
 to every Trainer (``configure_callbacks``). Other exceptions (a crash in the middle of an iteration) do not
 write one: the state would be half an iteration, and the last periodic checkpoint is the place to resume.
+
+Validation is part of the iteration it follows. Lightning would stop in the middle of a validation (after any
+of its batches), a state a resume cannot continue exactly: the validation's metrics so far are lost and the
+resumed run's sampling no longer matches. So a SIGTERM that arrives before or during a validation lets it
+finish; the checkpoint is written at its end (the state Lightning restores as "validation done") and the run
+stops there.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -30,6 +38,8 @@ class CheckpointOnSigterm(Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.saved_path: str | None = None
+        self._held = False  # a SIGTERM received during validation, held back until the validation ends
+        self._saved_at_step: int | None = None
 
     def checkpoint_path(self, trainer: Trainer) -> str:
         folder = self.dirpath
@@ -40,11 +50,50 @@ class CheckpointOnSigterm(Callback):
             folder = os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
 
+    def _in_fit_validation(self, trainer: Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def _save(self, trainer: Trainer) -> None:
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # every rank takes part (sharded checkpoints); the write is atomic
+        self.saved_path = path
+        self._saved_at_step = trainer.global_step
+        rank_zero_info(f"lit_entropy: SIGTERM: checkpoint saved to {path}; resume with --ckpt_path last")
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # Lightning checks the flag right after this hook and would stop mid-validation: hold it until the end.
+        if self._in_fit_validation(trainer) and trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self._held = True
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._in_fit_validation(trainer):
+            return
+        if self._held or trainer.received_sigterm:
+            self._held = False
+            trainer._signal_connector.received_sigterm = True  # the loop stops once this validation is done
+            self._save(trainer)
+
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank takes part (sharded checkpoints); the write is atomic
-        self.saved_path = path
-        rank_zero_info(f"lit_entropy: SIGTERM: checkpoint saved to {path}; resume with --ckpt_path last")
+        if self._saved_at_step == trainer.global_step:
+            return  # saved at the end of this iteration's validation
+        if trainer.validating:
+            rank_zero_info(
+                "lit_entropy: SIGTERM in the middle of a validation: no checkpoint written there (it would not "
+                "resume exactly); resume from the last periodic checkpoint with --ckpt_path last"
+            )
+            return
+        self._save(trainer)

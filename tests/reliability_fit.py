@@ -3,7 +3,7 @@
 Six RL iterations of 2 prompts x 4 completions (real sampling at temperature 1), two PPO epochs over two
 mini-batches of 4 (4 optimizer updates per iteration, so the mini-batch shuffling RNG matters), over 8
 Countdown prompts shuffled per epoch (4 iterations per epoch: the run crosses an epoch boundary). A
-``ModelCheckpoint`` writes ``epoch=E-step=S.ckpt`` every ``--every`` optimizer steps (and ``last.ckpt``).
+``ResumableCheckpoint`` writes ``epoch=E-step=S.ckpt`` every ``--every`` optimizer steps (and ``last.ckpt``).
 Every iteration appends one JSON line to ``--records`` (flushed at once): every logged statistic, the prompts it
 trained on and the sum of the LoRA weights after it, so a test can poll the file and kill the process at a
 chosen point, then compare a resumed run's iterations with an uninterrupted run's.
@@ -26,12 +26,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from lit_entropy.demo import CountdownDataModule  # noqa: E402
 from lit_entropy.model import LoRA, Policy  # noqa: E402
 from lit_entropy.module import GRPO  # noqa: E402
 from lit_entropy.regularizer import scalar_outputs  # noqa: E402
+from lit_entropy.resumable_checkpoint import ResumableCheckpoint  # noqa: E402
 from lit_entropy.reward_spec import Reward  # noqa: E402
 from lit_entropy.rollout import Sampling  # noqa: E402
 
@@ -107,6 +108,64 @@ def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
     LocalFileOpener.write = write  # type: ignore[method-assign]
 
 
+def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 120.0) -> None:
+    """Hold the run at ``moment`` of RL iteration ``iteration`` (0-based) so that a test can signal it there.
+
+    ``moment`` is ``generation`` (sampling the iteration's completions), ``update`` (between its first and second
+    optimizer update), ``validation`` (before the second batch of the validation after it) or ``after-checkpoint``
+    (a checkpoint of it has just been written). The pause names itself in ``marker`` and lasts ``seconds``, or
+    until a SIGTERM has been received (Lightning's handler sets a flag; the run then goes on to stop by itself).
+    """
+
+    def hold(trainer: Trainer) -> None:
+        if trainer.fit_loop.total_batch_idx != iteration or getattr(hold, "done", False):
+            return
+        hold.done = True  # type: ignore[attr-defined]
+        with open(marker, "a") as handle:
+            handle.write(f"{moment} {iteration}\n")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not trainer.received_sigterm:
+            time.sleep(0.02)
+
+    if moment == "generation":
+        original_generate = GRPO.generate
+
+        def generate(self: GRPO, *args: Any, **kwargs: Any) -> Any:
+            if self.trainer.training and not self.trainer.validating:
+                hold(self.trainer)
+            return original_generate(self, *args, **kwargs)
+
+        GRPO.generate = generate  # type: ignore[method-assign]
+    elif moment == "update":
+        original_update = GRPO._update
+
+        def update(self: GRPO, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("update", args[5] if len(args) > 5 else None) == 1:
+                hold(self.trainer)
+            return original_update(self, *args, **kwargs)
+
+        GRPO._update = update  # type: ignore[method-assign]
+    elif moment == "validation":
+        original_step = GRPO.validation_step
+
+        def validation_step(self: GRPO, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 1 and self.trainer.state.fn == "fit":
+                hold(self.trainer)
+            return original_step(self, batch, batch_idx)
+
+        GRPO.validation_step = validation_step  # type: ignore[method-assign]
+    elif moment == "after-checkpoint":
+        original_save = Trainer.save_checkpoint
+
+        def save_checkpoint(self: Trainer, *args: Any, **kwargs: Any) -> None:
+            original_save(self, *args, **kwargs)
+            hold(self)
+
+        Trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    else:
+        raise ValueError(f"unknown pause moment {moment!r}")
+
+
 def run_fit(
     model_dir: str | Path,
     root: str | Path,
@@ -116,8 +175,13 @@ def run_fit(
     every: int = UPDATES,
     save_last: bool = True,
     reward_sleep: float = 0.0,
+    validate: bool = False,
 ) -> tuple[Trainer, GRPO]:
-    """Fit (or resume) the run; checkpoints go to ``<root>/checkpoints``. Same numbers in any process."""
+    """Fit (or resume) the run; checkpoints go to ``<root>/checkpoints``. Same numbers in any process.
+
+    ``validate``: validation (greedy and 2 samples on 4 prompts, two batches) after every second iteration, and a
+    ``CSVLogger`` writing ``<root>/logs/<tag>/metrics.csv``.
+    """
     seed_everything(0)
     module = GRPO(
         policy=Policy(path=str(model_dir), lora=LoRA(r=4, alpha=8)),
@@ -126,24 +190,27 @@ def run_fit(
         ppo_epochs=2,
         minibatch_size=4,
         learning_rate=5e-2,
-        val_num_samples=0,
+        val_num_samples=2 if validate else 0,
         adapter_dir=str(Path(root) / f"adapter-{tag}"),
         seed=0,
     )
     data = CountdownDataModule(
-        batch_size=2, num_train=2 * ITERATIONS_PER_EPOCH, num_val=0, seed=0, shuffle=True
+        batch_size=2, num_train=2 * ITERATIONS_PER_EPOCH, num_val=4 if validate else 0, seed=0, shuffle=True
     )
-    checkpoint = ModelCheckpoint(
+    checkpoint = ResumableCheckpoint(
         dirpath=str(Path(root) / "checkpoints"), every_n_train_steps=every, save_top_k=-1, save_last=save_last
     )
     trainer = Trainer(
         accelerator="cpu",
         max_steps=ITERATIONS * UPDATES,
-        logger=False,
+        logger=CSVLogger(save_dir=str(Path(root) / "logs"), name="", version=tag) if validate else False,
+        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(root),
-        limit_val_batches=0,
+        limit_val_batches=None if validate else 0,
+        val_check_interval=2 if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
         num_sanity_val_steps=0,
         callbacks=[Record(records, tag), checkpoint],
     )
@@ -165,10 +232,16 @@ def main() -> None:
     parser.add_argument("--reward-sleep", type=float, default=0.0, help="seconds per reward call")
     parser.add_argument("--slow-write", type=float, default=0.0, help="hold each checkpoint write half-done")
     parser.add_argument("--write-marker", default=None, help="file naming each checkpoint write as it starts")
+    parser.add_argument("--validate", action="store_true", help="validate every 2 iterations; CSV metrics")
+    parser.add_argument("--pause", default=None, help="MOMENT:ITERATION to hold the run at (see pause_at)")
+    parser.add_argument("--pause-marker", default=None, help="file naming the pause when it starts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.slow_write:
         slow_checkpoint_writes(args.slow_write, args.write_marker)
+    if args.pause:
+        moment, iteration = args.pause.split(":")
+        pause_at(moment, int(iteration), args.pause_marker)
     _, module = run_fit(
         args.model,
         args.root,
@@ -178,6 +251,7 @@ def main() -> None:
         every=args.every,
         save_last=not args.no_save_last,
         reward_sleep=args.reward_sleep,
+        validate=args.validate,
     )
     torch.save(lora_weights(module), Path(args.root) / f"final-{args.tag}.pt")
 

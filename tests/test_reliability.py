@@ -8,6 +8,7 @@ log with an uninterrupted in-process run of the same fit (also one thread): the 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -221,6 +222,84 @@ def test_resume_after_sigkill_at_several_points_is_exact(
     # every iteration any of the four runs completed (the reruns included) is the uninterrupted run's
     assert_same_iterations(read_records(a.records), reference)
     assert_same_weights(reliability_fit.lora_weights(module), reference)
+
+
+# ---------------------------------------------- 1b. SIGKILL and SIGTERM at every kind of moment, with validation
+
+#: Where each run of a chain is stopped: (moment, RL iteration); iterations 1, 3 and 5 are followed by a
+#: validation, iteration 4 is not (its checkpoint is written before its metrics row is).
+CHAIN = [("generation", 1), ("update", 2), ("validation", 3), ("after-checkpoint", 4)]
+#: metrics.csv columns that measure wall time, not the computation
+TIMED_COLUMNS = {"train/tokens_per_sec"}
+
+
+def metrics_rows(path: Path) -> list[dict[str, str]]:
+    """``metrics.csv`` as rows of ``{column: text}``, empty cells and timing columns left out."""
+    with path.open(newline="") as handle:
+        return [
+            {key: value for key, value in row.items() if value and key not in TIMED_COLUMNS}
+            for row in csv.DictReader(handle)
+        ]
+
+
+@pytest.fixture(scope="module")
+def validated_reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted fit with validation every second iteration and a CSVLogger, in-process."""
+    root = tmp_path_factory.mktemp("validated-reference")
+    with one_thread():
+        _, module = reliability_fit.run_fit(
+            tiny_model_dir, root, root / "records.jsonl", tag="reference", validate=True
+        )
+    rows = read_records(root / "records.jsonl")
+    assert [row["iteration"] for row in rows] == list(range(reliability_fit.ITERATIONS))
+    metrics = metrics_rows(root / "logs" / "reference" / "metrics.csv")
+    validated = [int(row["step"]) for row in metrics if "val/accuracy" in row]
+    assert len(validated) == 3, metrics  # after iterations 1, 3 and 5
+    return {
+        "rows": {row["iteration"]: row for row in rows},
+        "weights": reliability_fit.lora_weights(module),
+        "metrics": metrics,
+        "adapter": (root / "adapter-reference" / "adapter_model.safetensors").read_bytes(),
+    }
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_run_stopped_at_every_kind_of_moment_resumes_to_the_uninterrupted_metrics_and_adapter(
+    validated_reference: dict[str, Any], tiny_model_dir: Path, tmp_path: Path, signum: int
+) -> None:
+    """One run stopped four times (during generation, during the update, in the middle of a validation, right
+    after a checkpoint written before its iteration's metrics row), resumed from ``last`` each time: the last run's
+    ``metrics.csv`` is the uninterrupted run's, row for row, and so are every iteration and the saved adapter."""
+    marker = tmp_path / "pauses.txt"
+
+    def paused(moment: str, iteration: int) -> bool:
+        return marker.exists() and f"{moment} {iteration}" in marker.read_text().splitlines()
+
+    for n, (moment, iteration) in enumerate(CHAIN):
+        args = ["--validate", "--pause", f"{moment}:{iteration}", "--pause-marker", str(marker)]
+        run = Worker(tiny_model_dir, tmp_path, f"run{n}", *args, *(["--resume", "last"] if n else []))
+        run.wait_for(
+            lambda m=moment, i=iteration: paused(m, i), f"the pause at {moment} of iteration {iteration}"
+        )
+        code = run.signal(signum)
+        assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 0), run.tail()
+        if signum == signal.SIGTERM:
+            assert "SIGTERM: checkpoint saved to" in run.tail(), run.tail()
+    with one_thread():
+        _, module = reliability_fit.run_fit(
+            tiny_model_dir,
+            tmp_path,
+            marker.parent / "records.jsonl",
+            tag="final",
+            resume="last",
+            validate=True,
+        )
+    assert metrics_rows(tmp_path / "logs" / "final" / "metrics.csv") == validated_reference["metrics"]
+    assert_same_iterations(read_records(tmp_path / "records.jsonl"), validated_reference)
+    assert_same_weights(reliability_fit.lora_weights(module), validated_reference)
+    assert (tmp_path / "adapter-final" / "adapter_model.safetensors").read_bytes() == validated_reference[
+        "adapter"
+    ]
 
 
 # -------------------------------------------------------------------------------------------- 2. SIGTERM
