@@ -31,6 +31,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_entropy.checkpoint_io import install_same_folder_checkpoint_io
 from lit_entropy.checkpoint_state import (
     PAYLOAD_KEY,
     check_trainable_present,
@@ -275,6 +276,7 @@ class GRPO(LightningModule):
             if getattr(callback, "dirpath", None):
                 check_writable(callback.dirpath, "the checkpoint folder (checkpoint.dirpath)")
         warn_inexact_checkpoints(self.trainer)
+        install_same_folder_checkpoint_io(self.trainer)  # temporary file beside the checkpoint, not in $TMPDIR
         self._regularizers = find_regularizers(self.trainer.callbacks)
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
         rank_zero_info(

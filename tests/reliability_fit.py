@@ -87,25 +87,25 @@ class Record(Callback):
 
 
 def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
-    """Make every fsspec local file write name its target in ``marker``, write half, sleep ``delay``, then the rest.
+    """Make every checkpoint file write name its target in ``marker``, write half, sleep ``delay``, then the rest.
 
-    Lightning's ``_atomic_save`` writes a checkpoint with one ``write`` of the whole buffer, so this holds every
-    checkpoint write open, half written, long enough for a test to kill the process in the middle of it.
+    `lit_entropy.checkpoint_io.save_atomically` writes the whole checkpoint with one ``_write`` into a temporary
+    file beside the target, so this holds every checkpoint write open, half written, long enough for a test to
+    kill the process in the middle of it.
     """
-    from fsspec.implementations.local import LocalFileOpener
+    from lit_entropy import checkpoint_io
 
-    original = LocalFileOpener.write
-
-    def write(self: LocalFileOpener, data: bytes, *args: Any, **kwargs: Any) -> int:
+    def write(handle: Any, data: memoryview) -> None:
         half = len(data) // 2
-        original(self, data[:half])
-        self.f.flush()
-        with open(marker, "a") as handle:
-            handle.write(f"{self.path}\n")
+        handle.write(data[:half])
+        handle.flush()
+        with open(marker, "a") as log:
+            log.write(f"{handle.name}\n")
         time.sleep(delay)
-        return half + original(self, data[half:])
+        handle.write(data[half:])
+        handle.flush()
 
-    LocalFileOpener.write = write  # type: ignore[method-assign]
+    checkpoint_io._write = write
 
 
 def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 120.0) -> None:

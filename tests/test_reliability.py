@@ -28,12 +28,13 @@ from typing import Any
 import pytest
 import reliability_fit
 import torch
-from fsspec.implementations.local import LocalFileOpener
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from lit_entropy import checkpoint_io
 from lit_entropy.callbacks import EntropyConstraint
+from lit_entropy.checkpoint_io import CheckpointWriteError, SameFolderCheckpointIO
 from lit_entropy.cli import find_last_checkpoint
 from lit_entropy.demo import CountdownDataModule
 from lit_entropy.errors import LitEntropyError
@@ -173,16 +174,23 @@ def test_resume_after_sigkill_at_several_points_is_exact(
     # checkpoint writes: step 4, last (4), step 8, last (8): the 4th is half done and sleeping
     a.wait_for(lambda: len(writes()) >= 4, "the 4th checkpoint write")
     assert a.signal(signal.SIGKILL) == -signal.SIGKILL
-    written = [Path(w).name for w in writes()]
-    assert written == ["epoch=0-step=4.ckpt", "last.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
-    assert sorted(p.name for p in checkpoints.iterdir()) == [
+    written = [Path(w).name.split(".tmp")[0] for w in writes()]  # temporary files named after their target
+    assert [re.sub(r"\.[^.]+$", "", name.lstrip(".")) for name in written] == [
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+        "epoch=0-step=8.ckpt",
+        "last.ckpt",
+    ]
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == [
         "epoch=0-step=4.ckpt",
         "epoch=0-step=8.ckpt",
         "last.ckpt",
     ]
     assert checkpoint_step(checkpoints / "last.ckpt") == 4  # the previous version, intact
     assert checkpoint_step(checkpoints / "epoch=0-step=8.ckpt") == 8
-    (partial,) = list(a.tmpdir.iterdir())  # the interrupted write went to a temporary file, left behind
+    # the interrupted write went to a temporary file beside its target (never to $TMPDIR), left behind
+    (partial,) = list(checkpoints.glob(".last.ckpt.*.tmp"))
+    assert not list(a.tmpdir.iterdir())
     assert 0 < partial.stat().st_size < (checkpoints / "last.ckpt").stat().st_size
     with pytest.raises(Exception):  # noqa: B017 - truncated zip archive; the exact error is torch's business
         torch.load(partial, weights_only=False)
@@ -523,7 +531,7 @@ def test_consecutive_nonfinite_updates_stop_the_fit_with_a_clear_error(
 
 @pytest.fixture()
 def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where fsspec puts the temporary file of a write (``tempfile.mkstemp()``), so a test can look into it."""
+    """``$TMPDIR`` for ``tempfile``, so a test can check that no checkpoint write ever puts a file there."""
     folder = tmp_path / "tmpdir"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
@@ -534,29 +542,35 @@ def test_a_checkpoint_write_that_fails_midway_leaves_no_file_and_the_old_one_int
     nan_fit: dict[str, Any], tmp_path: Path, private_tmpdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainer, module = nan_fit["trainer"], nan_fit["module"]
-    good = tmp_path / "last.ckpt"
+    assert type(trainer.strategy.checkpoint_io) is SameFolderCheckpointIO  # installed by GRPO at fit start
+    folder = tmp_path / "checkpoints"
+    good = folder / "last.ckpt"
     trainer.save_checkpoint(good)
     good_bytes = good.read_bytes()
-    assert not list(private_tmpdir.iterdir())  # a successful write moved its temporary file into place
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "last.ckpt"
+    ]  # the temporary file was renamed into place
 
-    original = LocalFileOpener.write
     written: list[int] = []
 
-    def write_half_then_fail(self: LocalFileOpener, data: bytes) -> int:
-        written.append(original(self, data[: len(data) // 2]))
-        self.f.flush()
+    def write_half_then_fail(handle: Any, data: memoryview) -> None:
+        written.append(handle.write(data[: len(data) // 2]))
+        handle.flush()
+        assert Path(handle.name).parent == folder  # the temporary file is beside its target
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(LocalFileOpener, "write", write_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(checkpoint_io, "_write", write_half_then_fail)
+    with pytest.raises(
+        CheckpointWriteError, match=r"last\.ckpt failed: No space left on device; nothing was"
+    ):
         trainer.save_checkpoint(good)  # overwriting the previous checkpoint
-    with pytest.raises(OSError, match="No space left"):
-        trainer.save_checkpoint(tmp_path / "new.ckpt")
+    with pytest.raises(CheckpointWriteError, match=r"new\.ckpt failed: No space left"):
+        trainer.save_checkpoint(folder / "new.ckpt")
     assert len(written) == 2 and min(written) > 0  # half of each checkpoint had been written
     assert good.read_bytes() == good_bytes  # the old checkpoint was never touched
-    assert not (tmp_path / "new.ckpt").exists()
-    assert not list(private_tmpdir.iterdir())  # the partial temporary files were discarded
-    monkeypatch.setattr(LocalFileOpener, "write", original)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no new file, no temporary file left
+    assert not list(private_tmpdir.iterdir())  # nothing ever went to $TMPDIR
+    monkeypatch.undo()
 
     checkpoint = torch.load(good, weights_only=True)  # what fit(ckpt_path=...) does
     weights = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
@@ -572,8 +586,9 @@ def test_a_checkpoint_that_cannot_be_serialized_writes_nothing(
 
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        nan_fit["trainer"].save_checkpoint(tmp_path / "new.ckpt")
-    assert not (tmp_path / "new.ckpt").exists() and not list(private_tmpdir.iterdir())
+        nan_fit["trainer"].save_checkpoint(tmp_path / "checkpoints" / "new.ckpt")
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+    assert not list(private_tmpdir.iterdir())
 
 
 # ----------------------------------------------------------------------------- 5. failing / hanging rewards
