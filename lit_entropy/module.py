@@ -276,7 +276,7 @@ class GRPO(LightningModule):
             if getattr(callback, "dirpath", None):
                 check_writable(callback.dirpath, "the checkpoint folder (checkpoint.dirpath)")
         warn_inexact_checkpoints(self.trainer)
-        install_same_folder_checkpoint_io(self.trainer)  # temporary file beside the checkpoint, not in $TMPDIR
+        install_same_folder_checkpoint_io(self.trainer)  # temporary files beside the checkpoints
         self._regularizers = find_regularizers(self.trainer.callbacks)
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
         rank_zero_info(
