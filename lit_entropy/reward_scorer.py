@@ -5,7 +5,7 @@ and scores a call that has not returned in time ``on_error`` (counted in ``Rewar
 ``num_errors``). Python cannot kill a thread, so the stuck call is *abandoned*: its daemon thread keeps running
 until the call returns (or the process exits) and a fresh worker serves the next completion. More than
 ``max_abandoned`` (default 8) abandoned calls of one function still running at once raise `RewardTimeoutError`:
-such a function needs fixing, or a process-based reward that can be killed. Without ``timeout`` (the default)
+such a function needs fixing, or ``process: true`` (its calls are killed at the timeout). Without ``timeout`` (the default)
 the function is called directly in the training thread, exactly as before.
 
 Systematic failures stop the run: a function that fails on every completion of one scoring call (a wrong
@@ -16,8 +16,9 @@ signature, a field the rows lack, a wrong return type), or on more than ``max_er
 What a reward may raise: any ``Exception``, and ``SystemExit`` (``sys.exit(3)`` inside a verifier), is a failure
 of that completion. ``KeyboardInterrupt`` (and Lightning's ``SIGTERMException``, a subclass of ``SystemExit``)
 propagate: they are requests to stop the run, not failures of one completion. ``os._exit`` and signals that kill
-the process cannot be caught in the trainer's process: rewards run in the training thread or in a worker thread
-of the same process, so guarding against them needs a reward that runs its work in a child process.
+the process cannot be caught in the process they happen in: a reward with ``process: true`` runs in a child
+process (`lit_entropy.reward_process`), where they, ``KeyboardInterrupt`` and crashes fail that call only and a
+timeout kills the call.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError, LitEntropyError, one_line
+from lit_entropy.reward_process import RewardCallTimedOut, RewardProcess
 from lit_entropy.reward_spec import Reward, resolve_reward_function
 from lit_entropy.reward_worker import RewardWorker
 
@@ -148,6 +150,7 @@ class RewardScorer:
         self.max_abandoned = max_abandoned
         self.max_error_fraction = None if max_error_fraction is None else float(max_error_fraction)
         self._workers: dict[str, RewardWorker] = {}
+        self._processes: dict[str, RewardProcess] = {}
         self._abandoned: dict[str, list[RewardWorker]] = {}
         self.rewards: list[Reward] = []
         self._functions: list[Callable[..., Any]] = []
@@ -173,6 +176,10 @@ class RewardScorer:
                 raise ConfigError(
                     f"rewards[{index}] ({reward.fn!r}): timeout must be a positive number of seconds or null, "
                     f"got {timeout!r}"
+                )
+            if not isinstance(reward.process, bool):
+                raise ConfigError(
+                    f"rewards[{index}] ({reward.fn!r}): process must be true or false, got {reward.process!r}"
                 )
             if not isinstance(reward.kwargs, Mapping):
                 raise ConfigError(
@@ -240,7 +247,17 @@ class RewardScorer:
                 if check and num_errors > allowed:
                     raise self._failure(name, reward, num_errors, len(values), len(completions), first_error)
                 try:
-                    if reward.timeout is None:
+                    if reward.process:
+                        worker = self._processes.get(name) or self._processes.setdefault(
+                            name, RewardProcess(reward.fn, name)
+                        )
+                        try:
+                            value = worker.call(
+                                completion, dict(example), dict(reward.kwargs), reward.timeout
+                            )
+                        except RewardCallTimedOut as exc:
+                            raise _CallTimedOut(str(exc)) from exc
+                    elif reward.timeout is None:
                         value = function(completion, example, **reward.kwargs)
                     else:
                         value = self._call_with_timeout(name, reward, function, completion, example)
@@ -328,7 +345,7 @@ class RewardScorer:
             raise RewardTimeoutError(
                 f"reward {name!r} ({reward.fn}) hung past its timeout={reward.timeout}s {len(stuck)} times and "
                 f"those calls are still running (max_abandoned={self.max_abandoned}); threads cannot be "
-                "killed: fix the function, raise its timeout, or wrap it in a process you can kill"
+                "killed: fix the function, raise its timeout, or set process: true on it (a timed-out call is then killed)"
             )
         worker = self._workers.get(name)
         if worker is None or not worker.thread.is_alive():
@@ -345,16 +362,21 @@ class RewardScorer:
             raise _CallTimedOut(f"call did not return within timeout={reward.timeout}s") from exc
 
     def close(self) -> None:
-        """Retires the worker threads (idle ones exit now, abandoned ones when their call returns)."""
+        """Retires the worker threads (idle ones exit now, abandoned ones when their call returns) and kills the
+        reward processes."""
         for worker in self._workers.values():
             worker.retire()
         self._workers.clear()
+        for process in self._processes.values():
+            process.close()
+        self._processes.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         # Threads cannot be pickled or deep-copied (ddp_spawn, copy.deepcopy of the module): a copy starts
         # without workers and creates its own on first use.
         state = self.__dict__.copy()
         state["_workers"] = {}
+        state["_processes"] = {}
         state["_abandoned"] = {}
         return state
 

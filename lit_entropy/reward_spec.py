@@ -30,6 +30,10 @@ class Reward:
             as a timeout. ``None`` (default): no limit, the function runs in the training thread. With a
             timeout it runs in a daemon worker thread, so it must not rely on ``signal.alarm`` (main thread
             only); a call that never returns is abandoned, not killed (see `lit_entropy.reward_scorer`).
+        process: Run the calls in a child process (`lit_entropy.reward_process`): a function that calls
+            ``os._exit``, crashes or raises ``KeyboardInterrupt`` fails that call only (scored ``on_error`` and
+            counted), and a call past ``timeout`` is killed instead of abandoned. For verifiers you do not
+            fully trust (code execution, external tools). Rows, ``kwargs`` and results must be picklable.
     """
 
     fn: str
@@ -37,6 +41,7 @@ class Reward:
     name: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
+    process: bool = False
 
 
 def resolve_reward_function(path: str) -> Callable[..., Any]:
