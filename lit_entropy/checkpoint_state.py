@@ -63,13 +63,23 @@ def keep_trainable(state_dict: Mapping[str, Any], module: torch.nn.Module) -> di
 
 
 def check_trainable_present(state_dict: Mapping[str, Any], module: torch.nn.Module) -> None:
-    """Raise ConfigError when a checkpoint's ``state_dict`` lacks one of the module's trainable parameters."""
-    missing = set(trainable_by_name(module)) - set(state_dict)
+    """Raise ConfigError when a checkpoint's ``state_dict`` lacks one of the module's trainable parameters, or
+    holds one with another shape (a LoRA rank or target modules other than this run's)."""
+    trainable = trainable_by_name(module)
+    missing = set(trainable) - set(state_dict)
     if missing:
         raise ConfigError(
             f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}): "
             "was it written with another policy.lora configuration?"
         )
+    for name, parameter in trainable.items():
+        saved = state_dict[name]
+        if hasattr(saved, "shape") and tuple(saved.shape) != tuple(parameter.shape):
+            raise ConfigError(
+                f"checkpoint weight {name} has shape {list(saved.shape)}, this model's has {list(parameter.shape)}: "
+                "it was written with another policy.lora configuration (rank r or target modules); resume with "
+                "the checkpoint's settings, or start a new run"
+            )
 
 
 def rng_state() -> dict[str, Any]:

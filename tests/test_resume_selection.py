@@ -385,3 +385,19 @@ def test_merge_keys_and_equal_keys_in_different_mappings_are_not_duplicates(tmp_
         ConfigError, match=r"duplicate key 'data\.items\[0\]\.a' at line 4 \(first at line 3\)"
     ):
         check_config_files(["fit", "--config", str(path)])
+
+
+def test_a_checkpoint_of_another_lora_rank_is_refused_naming_the_weight_and_both_shapes(
+    tiny_model_dir, tmp_path
+):
+    from harness import short_fit
+
+    from lit_entropy.model import LoRA, Policy
+
+    short_fit(tiny_model_dir, tmp_path / "r4", [], iterations=1, checkpoint=True)
+    (saved,) = (tmp_path / "r4" / "checkpoints").glob("*.ckpt")
+    rank_8 = Policy(path=str(tiny_model_dir), lora=LoRA(r=8, alpha=16))
+    with pytest.raises(
+        ConfigError, match=r"checkpoint weight \S+lora_A\S+ has shape \[4, \d+\], this model's has \[8, \d+\]"
+    ):
+        short_fit(tiny_model_dir, tmp_path / "r8", [], iterations=2, ckpt_path=str(saved), policy=rank_8)
