@@ -93,6 +93,13 @@ class MetricsHistory(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_restored(trainer)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_restored(trainer)  # resumed from a checkpoint at the end: no training, so no on_train_start
+
+    def _log_restored(self, trainer: Trainer) -> None:
         rows, self._restored = self._restored, []
         logger = csv_logger(trainer)
         if not rows or logger is None or not trainer.is_global_zero:

@@ -85,6 +85,14 @@ class CheckpointOnSigterm(Callback):
             self._save(trainer)
 
     @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning would still stop with SIGTERMException after the fit's last epoch; let the fit end normally
+        # instead (the adapter is exported by on_fit_end), its last state saved above or by ModelCheckpoint.
+        if trainer.received_sigterm and _fit_is_done(trainer):
+            trainer._signal_connector.received_sigterm = False
+            rank_zero_info("lit_entropy: SIGTERM during the last iteration: the fit ends normally")
+
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
@@ -97,3 +105,10 @@ class CheckpointOnSigterm(Callback):
             )
             return
         self._save(trainer)
+
+
+def _fit_is_done(trainer: Trainer) -> bool:
+    """Whether the epoch that is ending is the fit's last (``max_steps`` reached, or the last of ``max_epochs``)."""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    return trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs

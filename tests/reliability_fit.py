@@ -112,8 +112,9 @@ def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 1
     """Hold the run at ``moment`` of RL iteration ``iteration`` (0-based) so that a test can signal it there.
 
     ``moment`` is ``generation`` (sampling the iteration's completions), ``update`` (between its first and second
-    optimizer update), ``validation`` (before the second batch of the validation after it) or ``after-checkpoint``
-    (a checkpoint of it has just been written). The pause names itself in ``marker`` and lasts ``seconds``, or
+    optimizer update), ``validation`` (before the second batch of the validation after it), ``checkpoint-write``
+    (half of its first checkpoint file written) or ``after-checkpoint`` (a checkpoint of it has just been
+    written). The pause names itself in ``marker`` and lasts ``seconds``, or
     until a SIGTERM has been received (Lightning's handler sets a flag; the run then goes on to stop by itself).
     """
 
@@ -162,6 +163,29 @@ def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 1
             hold(self)
 
         Trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    elif moment == "checkpoint-write":
+        from lit_entropy import checkpoint_io
+
+        saving: list[Trainer] = []
+        original_save = Trainer.save_checkpoint
+
+        def save_checkpoint(self: Trainer, *args: Any, **kwargs: Any) -> None:
+            saving.append(self)
+            try:
+                original_save(self, *args, **kwargs)
+            finally:
+                saving.pop()
+
+        def write(handle: Any, data: memoryview) -> None:
+            half = len(data) // 2
+            handle.write(data[:half])
+            handle.flush()
+            hold(saving[-1])  # half of the file is on disk
+            handle.write(data[half:])
+            handle.flush()
+
+        Trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+        checkpoint_io._write = write
     else:
         raise ValueError(f"unknown pause moment {moment!r}")
 

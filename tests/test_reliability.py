@@ -234,9 +234,25 @@ def test_resume_after_sigkill_at_several_points_is_exact(
 
 # ---------------------------------------------- 1b. SIGKILL and SIGTERM at every kind of moment, with validation
 
-#: Where each run of a chain is stopped: (moment, RL iteration); iterations 1, 3 and 5 are followed by a
-#: validation, iteration 4 is not (its checkpoint is written before its metrics row is).
-CHAIN = [("generation", 1), ("update", 2), ("validation", 3), ("after-checkpoint", 4)]
+#: Where each run of a chain is stopped: (moment, RL iteration). Iterations 1, 3 and 5 are followed by a
+#: validation, iteration 4 is not (its checkpoint is written before its metrics row is). A SIGKILL loses the
+#: iteration under way, so a killed chain can stop again in the same iteration; a SIGTERM finishes it.
+CHAINS = {
+    signal.SIGKILL: [
+        ("generation", 1),
+        ("update", 2),
+        ("validation", 3),
+        ("checkpoint-write", 4),
+        ("after-checkpoint", 4),
+    ],
+    signal.SIGTERM: [
+        ("generation", 1),
+        ("update", 2),
+        ("validation", 3),
+        ("checkpoint-write", 4),
+        ("after-checkpoint", 5),  # the last iteration: the run finishes instead of stopping
+    ],
+}
 #: metrics.csv columns that measure wall time, not the computation
 TIMED_COLUMNS = {"train/tokens_per_sec"}
 
@@ -275,15 +291,16 @@ def validated_reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathF
 def test_a_run_stopped_at_every_kind_of_moment_resumes_to_the_uninterrupted_metrics_and_adapter(
     validated_reference: dict[str, Any], tiny_model_dir: Path, tmp_path: Path, signum: int
 ) -> None:
-    """One run stopped four times (during generation, during the update, in the middle of a validation, right
-    after a checkpoint written before its iteration's metrics row), resumed from ``last`` each time: the last run's
-    ``metrics.csv`` is the uninterrupted run's, row for row, and so are every iteration and the saved adapter."""
+    """One run stopped five times (during generation, during the update, in the middle of a validation, half-way
+    through writing a checkpoint, right after a checkpoint written before its iteration's metrics row), resumed
+    from ``last`` each time: the finished run's ``metrics.csv`` is the uninterrupted run's, row for row, and so
+    are every iteration and the saved adapter."""
     marker = tmp_path / "pauses.txt"
 
     def paused(moment: str, iteration: int) -> bool:
         return marker.exists() and f"{moment} {iteration}" in marker.read_text().splitlines()
 
-    for n, (moment, iteration) in enumerate(CHAIN):
+    for n, (moment, iteration) in enumerate(CHAINS[signum]):
         args = ["--validate", "--pause", f"{moment}:{iteration}", "--pause-marker", str(marker)]
         run = Worker(tiny_model_dir, tmp_path, f"run{n}", *args, *(["--resume", "last"] if n else []))
         run.wait_for(
@@ -291,21 +308,26 @@ def test_a_run_stopped_at_every_kind_of_moment_resumes_to_the_uninterrupted_metr
         )
         code = run.signal(signum)
         assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 0), run.tail()
-        if signum == signal.SIGTERM:
+        finished = (tmp_path / f"final-run{n}.pt").exists()
+        if signum == signal.SIGTERM and not finished:
             assert "SIGTERM: checkpoint saved to" in run.tail(), run.tail()
-    with one_thread():
-        _, module = reliability_fit.run_fit(
-            tiny_model_dir,
-            tmp_path,
-            marker.parent / "records.jsonl",
-            tag="final",
-            resume="last",
-            validate=True,
-        )
-    assert metrics_rows(tmp_path / "logs" / "final" / "metrics.csv") == validated_reference["metrics"]
+    assert not list(run.tmpdir.iterdir())  # no checkpoint write used $TMPDIR
+    # a SIGTERM in the last iteration lets the fit end normally (adapter exported); a SIGKILL never does
+    assert finished == (signum == signal.SIGTERM), run.tail()
+    if finished:  # a SIGTERM during the last iteration: that run finished normally
+        tag = run.tag
+        weights = torch.load(tmp_path / f"final-{tag}.pt", weights_only=True)
+    else:
+        tag = "final"
+        with one_thread():
+            _, module = reliability_fit.run_fit(
+                tiny_model_dir, tmp_path, tmp_path / "records.jsonl", tag=tag, resume="last", validate=True
+            )
+        weights = reliability_fit.lora_weights(module)
+    assert metrics_rows(tmp_path / "logs" / tag / "metrics.csv") == validated_reference["metrics"]
     assert_same_iterations(read_records(tmp_path / "records.jsonl"), validated_reference)
-    assert_same_weights(reliability_fit.lora_weights(module), validated_reference)
-    assert (tmp_path / "adapter-final" / "adapter_model.safetensors").read_bytes() == validated_reference[
+    assert_same_weights(weights, validated_reference)
+    assert (tmp_path / f"adapter-{tag}" / "adapter_model.safetensors").read_bytes() == validated_reference[
         "adapter"
     ]
 
