@@ -59,6 +59,9 @@ __all__ = [
     "write_report",
 ]
 
+#: Fewer (entropy, val/accuracy) pairs than this make the law's fit a warning: two points fit any line exactly.
+MIN_LAW_POINTS = 5
+
 # --- summaries -----------------------------------------------------------------------------------------
 
 
@@ -111,6 +114,22 @@ class LabelSummary:
     pass_at_k: tuple[int, float, float] | None  # (k, mean, std) at the largest k
     fit: LawFit | None
     early_law_error: tuple[float, float] | None = None  # |pred - obs| final accuracy, law fitted on first 15%
+    law_points: int = 0  # the (entropy, val/accuracy) pairs the law was fitted on
+
+    @property
+    def too_few_law_points(self) -> bool:
+        """Whether the law was fitted on fewer than `MIN_LAW_POINTS` pairs (its R² then says little)."""
+        return self.fit is not None and self.law_points < MIN_LAW_POINTS
+
+    def law_warning(self) -> str:
+        """What to tell the user about a fit on too few points ("" when there are enough)."""
+        if not self.too_few_law_points:
+            return ""
+        return (
+            f"label {self.label!r}: the law is fitted on {self.law_points} (entropy, val/accuracy) points; "
+            f"below {MIN_LAW_POINTS} its a, b and R² say little (two points fit any line: R² = 1): validate "
+            "more often (trainer.val_check_interval) or train longer"
+        )
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float] | None:
@@ -148,6 +167,7 @@ def summarize(runs: Sequence[RunLog], last: int = 10) -> list[LabelSummary]:
                 last_accuracy=_mean_std(accuracies),
                 pass_at_k=pass_row,
                 fit=fit_label(group),
+                law_points=sum(len(validation_pairs(run)) for run in group),
                 early_law_error=_mean_std([e for run in group if (e := early_law_error(run)) is not None]),
             )
         )
@@ -187,6 +207,8 @@ def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
             if row.fit is None
             else [f"{row.fit.a:.4f}", f"{row.fit.b:.4f}", f"{row.fit.ceiling:.4f}", f"{row.fit.r2:.4f}"]
         )
+        if row.too_few_law_points:
+            fit[-1] += f" ({row.law_points} points: too few)"
         cells = [
             row.label,
             str(row.seeds),
@@ -255,7 +277,9 @@ def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int 
         "# lit-entropy report\n\n"
         + markdown_table(summaries, last=last)
         + "\nMeans ± sample std over seeds. a, b: the law R = -a exp(H) + b fitted by least squares on the "
-        "pooled (entropy, val/accuracy) pairs of a label's seeds; ceiling = b - a.\n\n## Runs\n\n"
+        "pooled (entropy, val/accuracy) pairs of a label's seeds; ceiling = b - a.\n"
+        + "".join(f"\n**Warning:** {row.law_warning()}\n" for row in summaries if row.too_few_law_points)
+        + "\n## Runs\n\n"
         + sources
         + "\n"
     )
@@ -294,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = [load_run(run_dir, label) for run_dir, label in zip(args.run_dirs, labels)]
     for path in write_report(runs, args.out, smooth=args.smooth, last=args.last):
         print(path)
+    for row in summarize(runs, last=args.last):
+        if row.too_few_law_points:
+            print(f"lit-entropy report: warning: {row.law_warning()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -291,3 +291,28 @@ def test_validation_pairs_average_the_entropy_since_the_previous_validation():
         },
     )
     assert validation_pairs(run) == [(1.5, 0.1), (4.0, 0.2)]
+
+
+def test_a_law_fitted_on_too_few_points_is_flagged_in_the_table_and_warned_about(tmp_path, capsys):
+    run = tmp_path / "short_run"
+    write_metrics(run / "metrics.csv", "GRPO", seed=0)
+    # keep two validations only: two points fit the law exactly (R² = 1), which says nothing
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    accuracy = header.index("val/accuracy")
+    validation_rows = [i for i, line in enumerate(lines) if i and line.split(",")[accuracy]]
+    kept = [line for i, line in enumerate(lines) if i not in validation_rows[2:]]
+    (run / "metrics.csv").write_text("\n".join(kept) + "\n")
+    out = tmp_path / "report"
+    main([str(run), "--out", str(out), "--labels", "GRPO"])
+    err = capsys.readouterr().err
+    assert "lit-entropy report: warning: label 'GRPO': the law is fitted on 2 (entropy, val/accuracy) points" in err
+    row = table_rows(out / "report.md")["GRPO"]
+    assert row[9] == "1.0000 (2 points: too few)"
+    assert "**Warning:** label 'GRPO': the law is fitted on 2" in (out / "report.md").read_text()
+
+
+def test_a_law_fitted_on_enough_points_has_no_warning(run_dirs, tmp_path, capsys):
+    main([*map(str, run_dirs), "--out", str(tmp_path / "report")])
+    assert "warning" not in capsys.readouterr().err
+    assert "Warning" not in (tmp_path / "report" / "report.md").read_text()
