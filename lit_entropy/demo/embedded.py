@@ -29,6 +29,8 @@ from lit_entropy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _FORMAT_VERSION = 1  # bump when the build below changes, so cached folders are rebuilt
+#: Where the warmed-up model is built once per configuration and reused (the folder name hashes the settings).
+DEFAULT_CACHE_DIR = "~/.cache/lit_entropy/embedded"
 
 
 @dataclass
@@ -47,7 +49,9 @@ class EmbeddedModel:
         min_terms: fewest numbers in a generated solution.
         max_terms: most numbers in a generated solution.
         seed: seeds the weights and the warm-up data (the global RNG is left untouched).
-        cache_dir: reuse (or create) the built folder under this directory; None builds afresh in a temp dir.
+        cache_dir: reuse (or create) the built folder under this directory (default ``~/.cache/lit_entropy/embedded``,
+            so the folder an exported adapter names as its base stays there); None builds afresh in a temporary
+            folder that nothing removes and that an adapter should not rely on.
     """
 
     hidden_size: int = 64
@@ -61,7 +65,7 @@ class EmbeddedModel:
     min_terms: int = 2
     max_terms: int = 3
     seed: int = 0
-    cache_dir: str | None = None
+    cache_dir: str | None = DEFAULT_CACHE_DIR
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "warmup_batch_size"):
