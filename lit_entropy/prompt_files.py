@@ -56,8 +56,29 @@ def _is_empty(value: Any) -> bool:
     return isinstance(value, (list, tuple, dict)) and len(value) == 0
 
 
+#: Columns that commonly hold the prompt or the reference answer in public datasets (TRL, verl, GSM8K, MATH).
+_LIKELY_COLUMNS = {
+    "prompt_field": ("prompt", "question", "problem", "query", "input", "messages"),
+    "answer_field": ("answer", "ground_truth", "solution", "target", "label", "reward_model"),
+}
+
+
+def _column_hint(row: Row, argument: str) -> str:
+    """``; the rows have columns [...]`` plus, when one of them looks right, the setting to use."""
+    columns = sorted(row)
+    hint = f"; the rows have columns {columns}"
+    likely = [name for name in _LIKELY_COLUMNS.get(argument, ()) if name in row]
+    if likely:
+        hint += f": set data.init_args.{argument}: {likely[0]}"
+    return hint
+
+
 def _check_field(path: str, index: int, row: Row, field_name: str, argument: str) -> None:
-    if field_name not in row or row[field_name] is None:
+    if field_name not in row:
+        raise DataError(
+            f"{path} row {index}: missing field {field_name!r} ({argument}){_column_hint(row, argument)}"
+        )
+    if row[field_name] is None:
         raise DataError(f"{path} row {index}: missing field {field_name!r} ({argument})")
     value = row[field_name]
     if isinstance(value, float) and math.isnan(value):
@@ -188,7 +209,33 @@ def _restore_csv_integers(path: str, rows: list[Row]) -> list[Row]:
     return rows
 
 
+def _read_saved_dataset(path: str) -> list[Row]:
+    """The rows of a folder written by ``datasets.Dataset.save_to_disk`` (one split)."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(
+            name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, "state.json"))
+        )
+        raise DataError(
+            f"{path}: a DatasetDict saved with save_to_disk; name one split's folder instead "
+            f"({', '.join(os.path.join(path, name) for name in splits) or 'no split folder found'})"
+        )
+    try:
+        dataset = datasets.load_from_disk(path)
+    except Exception as exc:  # a damaged folder: missing arrow files, bad state.json
+        raise DataError(
+            f"{path}: cannot be read as a saved dataset (save_to_disk): {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the saved dataset has no rows")
+    return dataset.to_list()
+
+
 def _read_file(path: str) -> list[Row]:
+    if os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "state.json"))
+        or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    ):
+        return _read_saved_dataset(path)
     extension = os.path.splitext(path)[1].lower()
     if extension not in _FORMATS:
         raise DataError(f"{path}: unsupported extension {extension!r}; use one of {sorted(_FORMATS)}")
@@ -225,10 +272,11 @@ def load_prompt_rows(
     """Loads and normalises the rows of local dataset files.
 
     Args:
-        files: Paths (or glob patterns) of ``.jsonl``/``.json``, ``.parquet`` or ``.csv`` files, read one at a
-            time so errors can name the file: JSON with the ``json`` module (each value keeps its type),
-            parquet and CSV with ``datasets.load_dataset`` (CSV integers that an empty cell made floats are
-            made integers again).
+        files: Paths (or glob patterns) of ``.jsonl``/``.json``, ``.parquet`` or ``.csv`` files, or of folders
+            written by ``datasets.Dataset.save_to_disk`` (one split's folder), read one at a time so errors can
+            name the file: JSON with the ``json`` module (each value keeps its type), parquet and CSV with
+            ``datasets.load_dataset`` (CSV integers that an empty cell made floats are made integers again),
+            saved datasets with ``datasets.load_from_disk``.
         prompt_field: Column holding the prompt (text or a list of chat messages).
         answer_field: Column holding the reference answer, or ``None`` for tasks without one.
 
@@ -238,8 +286,10 @@ def load_prompt_rows(
 
     Raises:
         DataError: An unsupported extension, missing, empty or unparsable file (a JSON-lines file names its
-            first malformed line), or a row whose prompt/answer field is missing, empty or NaN, or whose prompt
-            is neither text nor a list of chat messages, naming the file, the row (counted from 0) and the field.
+            first malformed line), a ``DatasetDict`` folder (name a split's folder), or a row whose prompt/answer
+            field is missing (listing the row's columns and, when one looks right, the setting to use), empty or
+            NaN, or whose prompt is neither text nor a list of chat messages, naming the file, the row (counted
+            from 0) and the field.
 
     Warns:
         UserWarning: Once per file whose prompts hold control characters (other than tab, newline and

@@ -170,7 +170,10 @@ def test_dataset_without_prompt_field_names_file_and_field(tmp_path, tiny_model_
         main(args=["fit", "--config", str(config)])
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines[-1] == f"lit-entropy: error: {data} row 0: missing field 'prompt' (prompt_field)"
+    assert lines[-1] == (
+        f"lit-entropy: error: {data} row 0: missing field 'prompt' (prompt_field); the rows have columns "
+        "['answer', 'question']: set data.init_args.prompt_field: question"
+    )
     assert not any("Traceback" in line for line in lines)
 
 
@@ -188,7 +191,8 @@ def test_module_entry_point_exits_2_with_the_error_on_the_last_line(tmp_path, ti
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"lit-entropy: error: {data} row 0: missing field 'prompt' (prompt_field)"
+        f"lit-entropy: error: {data} row 0: missing field 'prompt' (prompt_field); the rows have columns "
+        "['answer', 'question']: set data.init_args.prompt_field: question"
     )
     assert "Traceback" not in result.stderr
 

@@ -318,3 +318,53 @@ def test_render_prompt_with_template(char_tokenizer: PreTrainedTokenizerFast) ->
     assert render_prompt("hi", char_tokenizer, chat_template=False) == "hi"
     with pytest.raises(ConfigError, match="role"):
         render_prompt([{"text": "a"}], char_tokenizer)
+
+
+def test_a_save_to_disk_folder_loads_like_a_file_and_a_datasetdict_root_names_its_split_folders(
+    tmp_path: Path,
+) -> None:
+    rows = [{"question": "1+1=", "ground_truth": 2}, {"question": "2+3=", "ground_truth": 5}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_prompt_rows(str(tmp_path / "saved"), prompt_field="question", answer_field="ground_truth")
+    assert [(row["prompt"], row["answer"]) for row in loaded] == [("1+1=", 2), ("2+3=", 5)]
+    assert loaded[0]["ground_truth"] == 2  # the original columns are kept, integers as integers
+
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    ).save_to_disk(str(tmp_path / "dict"))
+    split = load_prompt_rows(str(tmp_path / "dict" / "test"), "question", "ground_truth")
+    assert [row["answer"] for row in split] == [2]
+    with pytest.raises(
+        DataError, match=r"dict: a DatasetDict saved with save_to_disk; name one split's folder"
+    ) as info:
+        load_prompt_rows(str(tmp_path / "dict"), "question", "ground_truth")
+    assert str(tmp_path / "dict" / "test") in str(info.value) and str(tmp_path / "dict" / "train") in str(
+        info.value
+    )
+
+    data = PromptDataModule(
+        train_files=str(tmp_path / "saved"),
+        prompt_field="question",
+        answer_field="ground_truth",
+        batch_size=2,
+    )
+    data.setup("fit")
+    assert [row["answer"] for row in next(iter(data.train_dataloader()))] in ([2, 5], [5, 2])
+
+
+def test_a_missing_column_lists_the_row_columns_and_names_a_likely_one(tmp_path: Path) -> None:
+    path = tmp_path / "trl_style.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "ground_truth": "2"}) + "\n")
+    with pytest.raises(DataError) as info:
+        load_prompt_rows(str(path))
+    assert str(info.value) == (
+        f"{path} row 0: missing field 'answer' (answer_field); the rows have columns ['ground_truth', 'prompt']: "
+        "set data.init_args.answer_field: ground_truth"
+    )
+    path.write_text(json.dumps({"text": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(DataError) as info:
+        load_prompt_rows(str(path))
+    assert (
+        str(info.value)
+        == f"{path} row 0: missing field 'prompt' (prompt_field); the rows have columns ['answer', 'text']"
+    )
