@@ -306,7 +306,10 @@ def test_a_law_fitted_on_too_few_points_is_flagged_in_the_table_and_warned_about
     out = tmp_path / "report"
     main([str(run), "--out", str(out), "--labels", "GRPO"])
     err = capsys.readouterr().err
-    assert "lit-entropy report: warning: label 'GRPO': the law is fitted on 2 (entropy, val/accuracy) points" in err
+    assert (
+        "lit-entropy report: warning: label 'GRPO': the law is fitted on 2 (entropy, val/accuracy) points"
+        in err
+    )
     row = table_rows(out / "report.md")["GRPO"]
     assert row[9] == "1.0000 (2 points: too few)"
     assert "**Warning:** label 'GRPO': the law is fitted on 2" in (out / "report.md").read_text()
