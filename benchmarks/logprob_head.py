@@ -8,7 +8,7 @@ frozen output head (``nn.Linear(H, V, bias=False)``, frozen as under LoRA), from
 - ``naive`` (what TRL/verl do without special kernels): ``logits = head(hidden)`` ``[N, T, V]`` in the model
   dtype, ``.float() / temperature``, ``log_softmax``, gather the token, ``entropy = -(softmax * log_softmax)``
   summed over the vocabulary; autograd keeps several fp32 ``[N, T, V]`` tensors.
-- ``logits+chunked``: our previous path, ``functional.token_logprobs_and_entropy(head(hidden), ...)``: the fp32
+- ``logits+chunked``: our previous path, ``logprobs.token_logprobs_and_entropy(head(hidden), ...)``: the fp32
   work is chunk-checkpointed, but the ``[N, T, V]`` logits (and their gradient) still exist in the model dtype.
 - ``ours``: ``head.head_logprobs_and_entropy(hidden, head, tokens, ...)``: never holds ``[N, T, V]``.
 
@@ -76,8 +76,8 @@ import torch  # noqa: E402
 from rss import peak_rss, reset_peak_rss, rss_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from torch import Tensor, nn  # noqa: E402
 
-from lit_entropy.functional import token_logprobs_and_entropy  # noqa: E402
 from lit_entropy.head import default_chunk_size, head_logprobs_and_entropy  # noqa: E402
+from lit_entropy.logprobs import token_logprobs_and_entropy  # noqa: E402
 
 METHODS = ("naive", "logits+chunked", "ours")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

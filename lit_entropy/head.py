@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.functional import rows_logprobs_and_entropy, token_logprobs_and_entropy
+from lit_entropy.logprobs import rows_logprobs_and_entropy, token_logprobs_and_entropy
 
 if TYPE_CHECKING:
     from lit_entropy.rollout import SequenceBatch
@@ -137,7 +137,7 @@ def head_logprobs_and_entropy(
 ) -> tuple[Tensor, Tensor]:
     """fp32 log-prob of ``tokens`` and full-vocabulary entropy at ``temperature``, without ``[N, T, V]`` logits.
 
-    Equal to ``functional.token_logprobs_and_entropy(head(hidden), tokens, temperature)``, values and gradients,
+    Equal to ``logprobs.token_logprobs_and_entropy(head(hidden), tokens, temperature)``, values and gradients,
     to fp32 tolerance.
 
     Args:

@@ -184,7 +184,7 @@ class SamplerLogprobRecorder(LogitsProcessor):
     own logits processors (none are enabled by :func:`generate_rollout`) but *before* the temperature/top-k/
     top-p warpers, so ``scores`` are the model's raw next-token logits (fp32). Each call keeps one ``[N, V]`` fp32 log-softmax of the current step at
     ``temperature`` (``z = scores / temperature``, ``z - logsumexp(z)``, as
-    :func:`lit_entropy.functional.token_logprobs_and_entropy` computes it) and gathers the previous step's
+    :func:`lit_entropy.logprobs.token_logprobs_and_entropy` computes it) and gathers the previous step's
     at ``input_ids[:, -1]``, the token just sampled from it; :meth:`finish` gathers the last step once
     ``generate`` has returned. ``output_logits``/``output_scores`` would instead keep ``[N, T, V]``.
 

@@ -16,8 +16,8 @@ from lit_entropy.functional import (
     kl_penalty,
     masked_mean,
     masked_sum,
-    token_logprobs_and_entropy,
 )
+from lit_entropy.logprobs import token_logprobs_and_entropy
 
 # ----------------------------------------------------------------------------------------------------------
 # masked_sum / masked_mean

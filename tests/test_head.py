@@ -12,8 +12,8 @@ from torch import nn
 
 from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm
 from lit_entropy.errors import ConfigError
-from lit_entropy.functional import token_logprobs_and_entropy
 from lit_entropy.head import default_chunk_size, head_logprobs_and_entropy, is_frozen_linear
+from lit_entropy.logprobs import token_logprobs_and_entropy
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
 from lit_entropy.reward_spec import Reward

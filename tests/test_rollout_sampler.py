@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_entropy.functional import token_logprobs_and_entropy
+from lit_entropy.logprobs import token_logprobs_and_entropy
 from lit_entropy.rollout import (
     SamplerLogprobRecorder,
     Sampling,
