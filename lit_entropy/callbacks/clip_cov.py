@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import typing_extensions
 from torch import Tensor
 from typing_extensions import override
 
 from lit_entropy.callbacks.covariance import (
     Scope,
+    ScopedRegularizer,
     check_fraction,
     check_scope,
     clip_cov_candidates,
@@ -26,11 +26,10 @@ from lit_entropy.callbacks.covariance import (
     select_at_random,
     selection_count,
     token_covariance,
-    token_scope,
 )
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
-from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer
+from lit_entropy.regularizer import Adjustment, MinibatchView
 
 __all__ = ["ClipCov", "ClipCovSelection", "clip_cov_selection", "selection_seed"]
 
@@ -102,7 +101,7 @@ def clip_cov_selection(
     return ClipCovSelection(select_at_random(candidates, count, generator), candidates, cov)
 
 
-class ClipCov(Regularizer):
+class ClipCov(ScopedRegularizer):
     """Clip-Cov (Cui et al., arXiv 2505.22617): zero policy gradient on a few high-covariance tokens.
 
     Per optimizer mini-batch (``scope="batch"``, the paper's definition) or per micro-batch
@@ -151,17 +150,10 @@ class ClipCov(Regularizer):
         self.cov_ub = cov_ub
         self.scope = scope
         self.seed = seed
-        # Per instance: micro-batch scope needs no mini-batch statistics, so it spares the module the extra
-        # no-grad forward over the mini-batch.
-
-    @property
-    @typing_extensions.override
-    def needs_minibatch_stats(self) -> bool:
-        return self.scope == "batch"
 
     @override
     def adjust(self, view: MinibatchView) -> Adjustment:
-        tokens = token_scope(view, self.scope, self.name)
+        tokens = self.scoped_tokens(view)
         # in micro-batch scope each micro-batch is its own population: give each its own stream
         microbatch = (view.microbatch_rows.start or 0) if self.scope == "microbatch" else 0
         generator = torch.Generator().manual_seed(

@@ -29,16 +29,18 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lit_entropy.distributed import gather_rows
 from lit_entropy.errors import ConfigError
-from lit_entropy.regularizer import MinibatchView
+from lit_entropy.regularizer import MinibatchView, Regularizer
 
 Scope = Literal["batch", "microbatch"]
 SCOPES: tuple[str, ...] = ("batch", "microbatch")
 
 __all__ = [
     "SCOPES",
+    "ScopedRegularizer",
     "Scope",
     "TokenScope",
     "check_fraction",
@@ -271,3 +273,22 @@ def check_fraction(owner: str, name: str, value: float) -> None:
     """ConfigError naming ``<owner>.<name>`` unless ``0 < value <= 1``."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value <= 1.0):
         raise ConfigError(f"{owner}.{name} must be a fraction in (0, 1], got {value!r}")
+
+
+class ScopedRegularizer(Regularizer):
+    """A regularizer whose token selection runs over a `Scope`: the whole mini-batch or each micro-batch.
+
+    Subclasses set ``self.scope``; ``batch`` scope asks the module for the mini-batch statistics
+    (``needs_minibatch_stats``), ``microbatch`` scope spares it that extra no-grad forward.
+    """
+
+    scope: Scope = "batch"
+
+    @property
+    @override
+    def needs_minibatch_stats(self) -> bool:
+        return self.scope == "batch"
+
+    def scoped_tokens(self, view: MinibatchView) -> TokenScope:
+        """`token_scope` of ``view`` over this regularizer's scope."""
+        return token_scope(view, self.scope, self.name)

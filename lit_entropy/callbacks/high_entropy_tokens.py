@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
-import typing_extensions
 from torch import Tensor
 from typing_extensions import override
 
-from lit_entropy.callbacks.covariance import Scope, check_fraction, check_scope, token_scope
-from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer
+from lit_entropy.callbacks.covariance import Scope, ScopedRegularizer, check_fraction, check_scope
+from lit_entropy.regularizer import Adjustment, MinibatchView
 
 __all__ = ["HighEntropyTokens", "high_entropy_count", "high_entropy_mask", "high_entropy_threshold"]
 
@@ -71,7 +70,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
     return mask.bool() & (entropy.detach().float() >= threshold)
 
 
-class HighEntropyTokens(Regularizer):
+class HighEntropyTokens(ScopedRegularizer):
     """Policy gradient only on the top-``rho`` fraction of tokens by entropy (arXiv 2506.01939).
 
     Over the optimizer mini-batch (``scope="batch"``, the paper's "batch") or each micro-batch
@@ -93,16 +92,10 @@ class HighEntropyTokens(Regularizer):
         check_scope(self.name, scope)
         self.rho = rho
         self.scope = scope
-        # Per instance: micro-batch scope needs no mini-batch statistics (spares an extra no-grad forward).
-
-    @property
-    @typing_extensions.override
-    def needs_minibatch_stats(self) -> bool:
-        return self.scope == "batch"
 
     @override
     def adjust(self, view: MinibatchView) -> Adjustment:
-        tokens = token_scope(view, self.scope, self.name)
+        tokens = self.scoped_tokens(view)
         threshold = high_entropy_threshold(tokens.entropy, tokens.mask, self.rho)
         selected = tokens.mask & (tokens.entropy.float() >= threshold)  # [m, T]
         weights = tokens.local(selected).to(view.logprobs.dtype)  # [n, T]

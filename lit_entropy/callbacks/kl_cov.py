@@ -20,16 +20,16 @@ from torch import Tensor
 
 from lit_entropy.callbacks.covariance import (
     Scope,
+    ScopedRegularizer,
     check_fraction,
     check_scope,
     select_top,
     selection_count,
     token_covariance,
-    token_scope,
 )
 from lit_entropy.errors import ConfigError
 from lit_entropy.functional import masked_mean
-from lit_entropy.regularizer import Adjustment, MinibatchView, Regularizer, Replacements
+from lit_entropy.regularizer import Adjustment, MinibatchView, Replacements
 
 __all__ = ["KLCov", "KLCovSelection", "kl_cov_penalty", "kl_cov_selection"]
 
@@ -85,7 +85,7 @@ def kl_cov_penalty(logprobs: Tensor, old_logprobs: Tensor, selected: Tensor, kl_
     return kl_coef * difference.abs()
 
 
-class KLCov(Regularizer):
+class KLCov(ScopedRegularizer):
     """KL-Cov (Cui et al., arXiv 2505.22617): ``kl_coef * |lp - old|`` on the top-covariance tokens.
 
     Per optimizer mini-batch (``scope="batch"``, the paper's definition) or per micro-batch
@@ -125,13 +125,7 @@ class KLCov(Regularizer):
         self.ratio = ratio
         self.kl_coef = kl_coef
         self.scope = scope
-        # Per instance: micro-batch scope needs no mini-batch statistics (spares an extra no-grad forward).
         self._warned_on_policy = False  # not checkpointed: a resumed run may warn again, which is harmless
-
-    @property
-    @typing_extensions.override
-    def needs_minibatch_stats(self) -> bool:
-        return self.scope == "batch"
 
     # `typing_extensions.override` in full: inside this class body the bare name is the method below
     @typing_extensions.override
@@ -140,7 +134,7 @@ class KLCov(Regularizer):
 
     @typing_extensions.override
     def adjust(self, view: MinibatchView) -> Adjustment:
-        tokens = token_scope(view, self.scope, self.name)
+        tokens = self.scoped_tokens(view)
         selection = kl_cov_selection(tokens.logprobs, tokens.advantages, tokens.mask, self.ratio)
         selected = tokens.local(selection.selected)  # [n, T]
         penalties = kl_cov_penalty(view.logprobs, view.old_logprobs, selected, self.kl_coef)  # [n, T]
