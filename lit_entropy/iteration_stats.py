@@ -88,6 +88,7 @@ def iteration_stats(
         "groups": rewards.numel() // group,
         "reward_errors": scores.num_errors,
         "reward_timeouts": scores.num_timeouts,
+        "reward_skipped": getattr(scores, "num_skipped", 0),
         "loss": sums.loss,
         "clipped_low": sums.clipped_low,
         "clipped_high": sums.clipped_high,
@@ -125,6 +126,8 @@ def iteration_stats(
         "rollout/frac_zero_std": total["zero_std_groups"] / total["groups"],
         "rollout/reward_errors": total["reward_errors"],  # raised, returned a non-number, or timed out
         "rollout/reward_timeouts": total["reward_timeouts"],
+        # (function, completion) pairs a batched function returned None for: "does not apply", not an error
+        "rollout/reward_skipped": total["reward_skipped"],
         "train/loss": total["loss"] / updates_made,
         "train/clip_frac_low": total["clipped_low"] / trained_tokens,
         "train/clip_frac_high": total["clipped_high"] / trained_tokens,

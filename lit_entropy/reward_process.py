@@ -8,6 +8,10 @@ A reward with ``process: true`` runs here instead of in the training process. Wh
 - A call that overruns its ``timeout`` is killed (``SIGKILL``), not abandoned as a thread would be: nothing of
   it keeps running.
 
+Both forms run here: `RewardProcess.call` is one per-completion call, `RewardProcess.invoke` any call (one batched
+call with its keyword arguments). An ``async def`` function's calls run one at a time in the child
+(``asyncio.run`` per call): isolation, not concurrency.
+
 The cost: a child process per function (started at the first call; it imports the function's module, so its
 first call takes that long), and one round trip through a pipe per completion (tens of microseconds). The
 completion, the dataset row, ``kwargs`` and the return value must be picklable. The child ignores ``SIGINT``, so
@@ -21,8 +25,10 @@ break the protocol.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import inspect
 import os
 import pickle
 import select
@@ -122,17 +128,23 @@ class RewardProcess:
             raise RewardProcessDied(f"the reward's process {how} during the call") from None
 
     def call(self, completion: str, example: Any, kwargs: dict[str, Any], timeout: float | None) -> Any:
-        """``fn(completion, example, **kwargs)`` in the child; what it raised is raised here.
+        """``fn(completion, example, **kwargs)`` in the child (the per-completion form); what it raised is
+        raised here.
 
         Raises:
             RewardCallTimedOut: The call overran ``timeout`` (the child was killed).
             RewardProcessDied: The child ended during the call, or could not import the function.
             Exception: What the function raised (its type when it is importable here, else ``RuntimeError``).
         """
+        return self.invoke((completion, example), kwargs, timeout)
+
+    def invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        """``fn(*args, **kwargs)`` in the child, e.g. one call of the batched form with ``args=()``; an ``async
+        def`` function's coroutine is run to its end there (``asyncio.run``). Raises as `call` does."""
         child = self._child if self._child is not None and self._child.poll() is None else self._start()
         assert child.stdin is not None
         try:
-            _send(child.stdin, (completion, example, kwargs))
+            _send(child.stdin, (tuple(args), kwargs))
         except (BrokenPipeError, OSError):
             self._child = None
             raise RewardProcessDied("the reward's process had exited before the call") from None
@@ -185,6 +197,10 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+async def _result_of(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def _serve() -> None:
     """The child's loop: load the function, then answer calls until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
@@ -200,11 +216,14 @@ def _serve() -> None:
     _send(protocol, ("ready", None))
     while True:
         try:
-            completion, example, kwargs = _receive(requests)
+            args, kwargs = _receive(requests)
         except EOFError:
             return
         try:
-            reply: tuple[str, Any] = ("ok", function(completion, example, **kwargs))
+            value = function(*args, **kwargs)
+            if inspect.isawaitable(value):  # an async def reward: its calls run one at a time here
+                value = asyncio.run(_result_of(value))
+            reply: tuple[str, Any] = ("ok", value)
             _send(protocol, reply)
         except BaseException as error:  # noqa: BLE001 - sys.exit and KeyboardInterrupt included: one failed call
             _send(protocol, ("error", _portable(error)))

@@ -1,17 +1,26 @@
 """`RewardScorer`: the weighted sum of reward functions, with per-completion failure isolation and timeouts.
 
+Two forms (`lit_entropy.reward_forms`): a per-completion function is called once per completion, a batched one
+(TRL's) once per scoring call with every completion; ``None`` from a batched function means "does not apply"
+(counted in ``num_skipped``, adds nothing). ``async def`` functions run on an event loop of their own
+(`lit_entropy.reward_worker.AsyncRewardWorker`), the per-completion form with every completion's call at once.
+
 Timeouts: ``timeout: 5.0`` on a reward (seconds, per completion) runs that function's calls in a worker thread
 and scores a call that has not returned in time ``on_error`` (counted in ``RewardResult.num_timeouts`` and in
 ``num_errors``). Python cannot kill a thread, so the stuck call is *abandoned*: its daemon thread keeps running
 until the call returns (or the process exits) and a fresh worker serves the next completion. More than
 ``max_abandoned`` (default 8) abandoned calls of one function still running at once raise `RewardTimeoutError`:
 such a function needs fixing, or ``process: true`` (its calls are killed at the timeout). Without ``timeout`` (the default)
-the function is called directly in the training thread, exactly as before.
+the function is called directly in the training thread, exactly as before. A batched function's ``timeout`` is for
+the whole call (all N completions); past it every completion counts as timed out. An ``async def`` function's
+calls are cancelled at their timeout; a loop still busy at twice the timeout plus a second (a coroutine that
+blocks without awaiting) is abandoned like a thread, its unfinished call timed out.
 
 Systematic failures stop the run: a function that fails on every completion of one scoring call (a wrong
 signature, a field the rows lack, a wrong return type), or on more than ``max_error_fraction`` of them, raises
 `RewardFailureError` naming the function, the count and the first exception, instead of training on
-``on_error``. Failures on fewer completions are counted and the run goes on.
+``on_error``. Failures on fewer completions are counted and the run goes on. A batched call that raises (or
+returns something other than N values) fails on every completion.
 
 What a reward may raise: any ``Exception``, and ``SystemExit`` (``sys.exit(3)`` inside a verifier), is a failure
 of that completion. ``KeyboardInterrupt`` (and Lightning's ``SIGTERMException``, a subclass of ``SystemExit``)
@@ -29,7 +38,6 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +45,15 @@ import torch
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError, LitEntropyError, one_line
-from lit_entropy.reward_process import RewardCallTimedOut, RewardProcess
+from lit_entropy.reward_calls import CallRunner, RewardTimeoutError, Tally
+from lit_entropy.reward_forms import (
+    BATCHED_ARGUMENTS,
+    BATCHED_SIGNATURE,
+    PER_COMPLETION_SIGNATURE,
+    detect_form,
+    signature_text,
+)
 from lit_entropy.reward_spec import Reward, resolve_reward_function
-from lit_entropy.reward_worker import RewardWorker
 
 __all__ = [
     "RewardFailureError",
@@ -57,7 +71,8 @@ class RewardResult:
 
     Attributes:
         total: ``[N]`` float32, weighted sum over functions.
-        per_function: Name -> ``[N]`` float32 unweighted values (``on_error`` where the function failed).
+        per_function: Name -> ``[N]`` float32 unweighted values (``on_error`` where the function failed, 0.0
+            where a batched function returned ``None``: what it adds to the total there).
         num_errors: Failed (function, completion) calls, summed over functions: raised, returned a
             non-numeric / non-finite value, or timed out.
         errors_per_function: Name -> failed calls of that function (timeouts included).
@@ -66,6 +81,11 @@ class RewardResult:
         timeouts_per_function: Name -> timed-out calls of that function.
         first_errors: Name -> the first exception of that function in this call (a `TimeoutError` for a
             timeout); functions without failures are absent.
+        num_skipped: (function, completion) pairs where a batched function returned ``None`` ("does not
+            apply"): not failures, they add nothing to the total.
+        skipped_per_function: Name -> completions that function returned ``None`` for.
+        num_unscored: Completions for which every function returned ``None``: their total is 0.0 (TRL's rule,
+            a sum that skips ``None``), with a warning.
     """
 
     total: Tensor
@@ -75,10 +95,9 @@ class RewardResult:
     num_timeouts: int = 0
     timeouts_per_function: dict[str, int] = field(default_factory=dict)
     first_errors: dict[str, BaseException] = field(default_factory=dict)
-
-
-class RewardTimeoutError(LitEntropyError, RuntimeError):
-    """Too many calls of one reward function are stuck past their timeout (their threads cannot be killed)."""
+    num_skipped: int = 0
+    skipped_per_function: dict[str, int] = field(default_factory=dict)
+    num_unscored: int = 0
 
 
 class RewardFailureError(LitEntropyError, RuntimeError):
@@ -86,18 +105,6 @@ class RewardFailureError(LitEntropyError, RuntimeError):
 
     Such a function is broken, not unlucky: training on its ``on_error`` value would learn nothing from it.
     """
-
-
-def _as_float(value: Any) -> float:
-    # 1-element tensors are common in user reward functions; anything else non-numeric is an error.
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"returned {type(value).__name__} {value!r}, expected a float")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"returned non-finite {result}")
-    return result
 
 
 class RewardScorer:
@@ -119,8 +126,9 @@ class RewardScorer:
 
     Raises:
         ConfigError: Empty ``rewards``, a path that does not resolve (naming it), a non-finite weight, a
-            timeout that is not a positive number of seconds, two functions with the same metric name, or a
-            ``max_error_fraction`` outside ``[0, 1]``.
+            timeout that is not a positive number of seconds, two functions with the same metric name, a
+            ``max_error_fraction`` outside ``[0, 1]``, an unknown or ambiguous ``form``
+            (`lit_entropy.reward_forms.detect_form`), or batched ``kwargs`` named like its arguments.
     """
 
     def __init__(
@@ -149,11 +157,8 @@ class RewardScorer:
         self.on_error = float(on_error)
         self.max_abandoned = max_abandoned
         self.max_error_fraction = None if max_error_fraction is None else float(max_error_fraction)
-        self._workers: dict[str, RewardWorker] = {}
-        self._processes: dict[str, RewardProcess] = {}
-        self._abandoned: dict[str, list[RewardWorker]] = {}
+        self._runners: dict[str, CallRunner] = {}
         self.rewards: list[Reward] = []
-        self._functions: list[Callable[..., Any]] = []
         self._names: list[str] = []
         for index, reward in enumerate(rewards):
             if isinstance(reward, Mapping):
@@ -185,6 +190,12 @@ class RewardScorer:
                 raise ConfigError(
                     f"rewards[{index}] ({reward.fn!r}): kwargs must be a mapping, got {type(reward.kwargs).__name__}"
                 )
+            form = detect_form(function, reward.form, f"rewards[{index}] ({reward.fn!r})")
+            if form == "batched" and set(reward.kwargs) & set(BATCHED_ARGUMENTS):
+                raise ConfigError(
+                    f"rewards[{index}] ({reward.fn!r}): kwargs {sorted(set(reward.kwargs) & set(BATCHED_ARGUMENTS))} "
+                    f"are arguments of the batched form ({', '.join(BATCHED_ARGUMENTS)}); rename them"
+                )
             # functools.partial and callable instances have no __name__: fall back to the path's last part.
             name = reward.name or getattr(function, "__name__", None) or re.split(r"[.:]", reward.fn)[-1]
             if name in self._names:
@@ -192,19 +203,31 @@ class RewardScorer:
                     f"duplicate reward name {name!r} (from {reward.fn!r}); set a distinct `name` for each"
                 )
             self.rewards.append(reward)
-            self._functions.append(function)
             self._names.append(name)
+            self._runners[name] = CallRunner(reward, function, name, form, max_abandoned)
 
     @property
     def names(self) -> list[str]:
         """Metric names of the functions, in config order."""
         return list(self._names)
 
+    @property
+    def functions(self) -> list[Callable[..., Any]]:
+        """The resolved functions, in config order."""
+        return [self._runners[name].function for name in self._names]
+
+    @property
+    def forms(self) -> list[str]:
+        """How each function is called, ``"batched"`` or ``"per_completion"``, in config order."""
+        return [self._runners[name].form for name in self._names]
+
     def __call__(
         self,
         completions: Sequence[str],
         examples: Sequence[Mapping[str, Any]],
         *,
+        prompts: Sequence[Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
         check_failures: bool = True,
     ) -> RewardResult:
         """Scores each completion against its dataset row.
@@ -213,12 +236,17 @@ class RewardScorer:
             completions: N completion texts.
             examples: N dataset rows, ``examples[i]`` being the row ``completions[i]`` answers (a prompt's
                 row repeated G times for its G completions).
+            prompts: N prompts for the batched form; default: each row's ``"prompt"`` (the dataset's prompt,
+                what TRL passes).
+            completion_ids: N token id lists for the batched form
+                (`lit_entropy.reward_forms.completion_token_ids`); default None: batched functions receive
+                ``completion_ids=None``.
             check_failures: Raise `RewardFailureError` for a function failing on every completion or on more
                 than ``max_error_fraction`` of them (unless that is ``None``). ``False`` only counts, e.g. for
                 a probe that inspects ``first_errors`` itself.
 
         Returns:
-            The weighted total ``[N]`` and per-function values, with error and timeout counts. The first
+            The weighted total ``[N]`` and per-function values, with error, timeout and skip counts. The first
             failure of each function in this call is logged as a warning with the exception.
 
         Raises:
@@ -227,166 +255,114 @@ class RewardScorer:
                 than ``max_error_fraction`` of them (raised as soon as that share is exceeded).
             KeyboardInterrupt: Raised by a function (or Ctrl-C while it runs): the run stops.
         """
-        if len(completions) != len(examples):
-            raise ValueError(
-                f"got {len(completions)} completions but {len(examples)} examples; "
-                "pass one row per completion"
-            )
-        total = torch.zeros(len(completions), dtype=torch.float64)
+        count = len(completions)
+        for what, given in (("examples", examples), ("prompts", prompts), ("completion_ids", completion_ids)):
+            if given is not None and len(given) != count:
+                raise ValueError(f"got {count} completions but {len(given)} {what}; pass one per completion")
+        total = torch.zeros(count, dtype=torch.float64)
+        applied = torch.zeros(count, dtype=torch.bool)
         per_function: dict[str, Tensor] = {}
-        errors_per_function: dict[str, int] = {}
-        timeouts_per_function: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        timeouts: dict[str, int] = {}
+        skips: dict[str, int] = {}
         first_errors: dict[str, BaseException] = {}
-        for reward, function, name in zip(self.rewards, self._functions, self._names):
-            values: list[float] = []
-            first_error: BaseException | None = None
-            num_errors = num_timeouts = 0
+        for index, (reward, name) in enumerate(zip(self.rewards, self._names)):
+            tally = Tally(self.on_error)
             check = check_failures and self.max_error_fraction is not None
-            allowed = len(completions) * (self.max_error_fraction or 0.0)
-            for completion, example in zip(completions, examples):
-                if check and num_errors > allowed:
-                    raise self._failure(name, reward, num_errors, len(values), len(completions), first_error)
-                try:
-                    if reward.process:
-                        worker = self._processes.get(name) or self._processes.setdefault(
-                            name, RewardProcess(reward.fn, name)
-                        )
-                        try:
-                            value = worker.call(
-                                completion, dict(example), dict(reward.kwargs), reward.timeout
-                            )
-                        except RewardCallTimedOut as exc:
-                            raise _CallTimedOut(str(exc)) from exc
-                    elif reward.timeout is None:
-                        value = function(completion, example, **reward.kwargs)
-                    else:
-                        value = self._call_with_timeout(name, reward, function, completion, example)
-                    values.append(_as_float(value))
-                except RewardTimeoutError:
-                    raise
-                except _CallTimedOut as exc:
-                    values.append(self.on_error)
-                    num_errors += 1
-                    num_timeouts += 1
-                    if first_error is None:
-                        first_error = TimeoutError(str(exc))
-                except (Exception, SystemExit) as exc:  # noqa: BLE001 - one bad completion must not stop the iteration
-                    if isinstance(exc, SystemExit) and type(exc) is not SystemExit:
-                        raise  # Lightning's SIGTERMException and the like: a stop request, not a failure
-                    values.append(self.on_error)
-                    num_errors += 1
-                    if first_error is None:
-                        first_error = exc
-            if check and completions and (num_errors > allowed or num_errors == len(completions)):
-                raise self._failure(name, reward, num_errors, len(values), len(completions), first_error)
-            if first_error is not None:
-                first_errors[name] = first_error
+            allowed = count * (self.max_error_fraction or 0.0)
+            runner = self._runners[name]
+            if runner.form == "batched":
+                runner.score_batched(tally, completions, examples, prompts, completion_ids)
+            else:
+                runner.score_each(tally, completions, examples, allowed if check else None)
+            if check and completions and (tally.num_errors > allowed or tally.num_errors == count):
+                raise self._failure(index, tally, count)
+            if tally.first_error is not None:
+                first_errors[name] = tally.first_error
                 log.warning(
                     "reward %r failed on %d of %d completions (%d timed out; scored %s); first error: %s: %s",
                     name,
-                    num_errors,
-                    len(completions),
-                    num_timeouts,
+                    tally.num_errors,
+                    count,
+                    tally.num_timeouts,
                     self.on_error,
-                    type(first_error).__name__,
-                    first_error,
+                    type(tally.first_error).__name__,
+                    tally.first_error,
                 )
             # Accumulate in float64: the total is rounded to float32 once, not once per function.
-            function_values = torch.tensor(values, dtype=torch.float64)
+            function_values = torch.tensor(tally.values, dtype=torch.float64)
             total += reward.weight * function_values
+            applied |= ~torch.tensor(tally.skipped, dtype=torch.bool)
             per_function[name] = function_values.to(torch.float32)
-            errors_per_function[name] = num_errors
-            timeouts_per_function[name] = num_timeouts
+            errors[name] = tally.num_errors
+            timeouts[name] = tally.num_timeouts
+            skips[name] = sum(tally.skipped)
+        unscored = int((~applied).sum()) if count else 0
+        if unscored:
+            first = int((~applied).nonzero()[0])
+            log.warning(
+                "every reward function returned None for %d of %d completions (first: completion %d): their "
+                "total reward is 0.0; make at least one function score every completion",
+                unscored,
+                count,
+                first,
+            )
         return RewardResult(
             total=total.to(torch.float32),
             per_function=per_function,
-            num_errors=sum(errors_per_function.values()),
-            errors_per_function=errors_per_function,
-            num_timeouts=sum(timeouts_per_function.values()),
-            timeouts_per_function=timeouts_per_function,
+            num_errors=sum(errors.values()),
+            errors_per_function=errors,
+            num_timeouts=sum(timeouts.values()),
+            timeouts_per_function=timeouts,
             first_errors=first_errors,
+            num_skipped=sum(skips.values()),
+            skipped_per_function=skips,
+            num_unscored=unscored,
         )
 
-    def _failure(
-        self,
-        name: str,
-        reward: Reward,
-        num_errors: int,
-        num_scored: int,
-        num_completions: int,
-        first_error: BaseException | None,
-    ) -> RewardFailureError:
+    def _failure(self, index: int, tally: Tally, num_completions: int) -> RewardFailureError:
         """The error for a function whose failures passed ``max_error_fraction`` (or that failed on all)."""
+        reward, name = self.rewards[index], self._names[index]
+        form = self._runners[name].form
+        num_errors, first_error = tally.num_errors, tally.first_error
+        num_scored = len(tally.values)
         stopped = f" (scoring stopped after {num_scored})" if num_scored < num_completions else ""
         if num_errors == num_completions:
             why = "every completion"
         else:
             why = f"more than max_error_fraction={self.max_error_fraction:g} of them"
         first = "no error recorded" if first_error is None else _describe(first_error)
+        if form == "batched":
+            called = (
+                f"it is called once for all completions as {BATCHED_SIGNATURE} (the batched form) and must "
+                "return one finite number or None per completion"
+            )
+        else:
+            called = (
+                f"it is called as {PER_COMPLETION_SIGNATURE} (the per-completion form) and must return a "
+                "finite number"
+            )
+        if isinstance(first_error, TypeError):
+            other = PER_COMPLETION_SIGNATURE if form == "batched" else BATCHED_SIGNATURE
+            called += (
+                f"; its signature is {signature_text(self._runners[name].function)}, and the other accepted "
+                f"form is {other}: set form: batched or form: per_completion on the reward if it was told wrong"
+            )
         return RewardFailureError(
             f"reward {name!r} ({reward.fn}) failed on {num_errors} of {num_completions} completions{stopped} "
             f"of one scoring call ({why}); first error: {first}; a function that fails this often is broken "
-            f"(scoring it reward_on_error={self.on_error:g} would train on nothing): it is called as "
-            "fn(completion: str, example: dict, **kwargs) and must return a finite number"
+            f"(scoring it reward_on_error={self.on_error:g} would train on nothing): {called}"
         )
 
-    def _call_with_timeout(
-        self,
-        name: str,
-        reward: Reward,
-        function: Callable[..., Any],
-        completion: str,
-        example: Mapping[str, Any],
-    ) -> Any:
-        """Runs one call in the function's worker thread; abandons the worker when it overruns."""
-        stuck = [worker for worker in self._abandoned.get(name, []) if worker.thread.is_alive()]
-        self._abandoned[name] = stuck
-        if len(stuck) >= self.max_abandoned:
-            raise RewardTimeoutError(
-                f"reward {name!r} ({reward.fn}) hung past its timeout={reward.timeout}s {len(stuck)} times and "
-                f"those calls are still running (max_abandoned={self.max_abandoned}); threads cannot be "
-                "killed: fix the function, raise its timeout, or set process: true on it (a timed-out call is then killed)"
-            )
-        worker = self._workers.get(name)
-        if worker is None or not worker.thread.is_alive():
-            worker = self._workers[name] = RewardWorker(name)
-        future = worker.submit(function, completion, example, **reward.kwargs)
-        try:
-            return future.result(timeout=reward.timeout)
-        except FutureTimeout as exc:  # the builtin TimeoutError on Python >= 3.11, its own class on 3.10
-            if future.done():  # it finished in the instant between the timeout and here; use its result
-                return future.result()
-            worker.retire()
-            del self._workers[name]
-            stuck.append(worker)
-            raise _CallTimedOut(f"call did not return within timeout={reward.timeout}s") from exc
-
     def close(self) -> None:
-        """Retires the worker threads (idle ones exit now, abandoned ones when their call returns) and kills the
-        reward processes."""
-        for worker in self._workers.values():
-            worker.retire()
-        self._workers.clear()
-        for process in self._processes.values():
-            process.close()
-        self._processes.clear()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Threads cannot be pickled or deep-copied (ddp_spawn, copy.deepcopy of the module): a copy starts
-        # without workers and creates its own on first use.
-        state = self.__dict__.copy()
-        state["_workers"] = {}
-        state["_processes"] = {}
-        state["_abandoned"] = {}
-        return state
+        """Retires the worker threads and event loops (idle ones exit now, abandoned ones when their call
+        returns) and kills the reward processes."""
+        for runner in self._runners.values():
+            runner.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-
-
-class _CallTimedOut(Exception):
-    """Internal: a call with a timeout overran it (distinguished from a function raising TimeoutError)."""
 
 
 def _describe(error: BaseException) -> str:

@@ -10,16 +10,21 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lit_entropy.errors import ConfigError
 
-__all__ = ["Reward", "resolve_reward_function"]
+__all__ = ["Reward", "RewardForm", "resolve_reward_function"]
+
+RewardForm = Literal["auto", "batched", "per_completion"]
+"""How a reward function is called: ``per_completion`` ``fn(completion, example, **kwargs) -> float``, ``batched``
+(TRL's form) ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, or ``auto``: told
+from the signature (`lit_entropy.reward_forms.detect_form`)."""
 
 
 @dataclass
 class Reward:
-    """One reward function in a config: import path and weight.
+    """One reward function in a config: import path, weight, and how it is called.
 
     Attributes:
         fn: Import path, ``"package.module.function"`` or ``"package.module:function"``.
@@ -34,6 +39,15 @@ class Reward:
             ``os._exit``, crashes or raises ``KeyboardInterrupt`` fails that call only (scored ``on_error`` and
             counted), and a call past ``timeout`` is killed instead of abandoned. For verifiers you do not
             fully trust (code execution, external tools). Rows, ``kwargs`` and results must be picklable.
+        form: ``"per_completion"``: called once per completion as ``fn(completion: str, example: dict,
+            **kwargs) -> float``. ``"batched"`` (TRL's ``GRPOTrainer`` form): called once per scoring call as
+            ``fn(prompts=..., completions=..., completion_ids=..., **columns, **kwargs) -> list[float | None]``,
+            every dataset column passed as a list with one entry per completion; ``None`` means the function
+            does not apply to that completion. ``"auto"`` (default): batched when the function's first
+            parameter is named ``prompts`` or ``completions``, per completion otherwise (see
+            `lit_entropy.reward_forms.detect_form`). ``async def`` functions of either form run concurrently
+            (`lit_entropy.reward_scorer`). With ``timeout``, a batched call has ``timeout`` seconds for the
+            whole batch.
     """
 
     fn: str
@@ -42,6 +56,7 @@ class Reward:
     kwargs: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     process: bool = False
+    form: RewardForm = "auto"
 
 
 def resolve_reward_function(path: str) -> Callable[..., Any]:

@@ -47,3 +47,16 @@ def exits_every_third_call(completion: str, example: dict[str, Any]) -> float:
     if _calls % 3 == 0:
         os._exit(7)
     return sum(map(ord, completion)) / (128.0 * max(len(completion), 1))
+
+
+def batched_lengths(completions: list[Any], answer: list[Any], **kwargs: Any) -> list[float | None]:
+    """TRL's batched form: ``len(text)``, ``None`` where the row's answer is None; ``os._exit(0)`` on ``exit``."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    if "exit" in texts:
+        os._exit(0)
+    return [None if a is None else float(len(text)) for text, a in zip(texts, answer)]
+
+
+async def async_lengths(completion: str, example: dict[str, Any]) -> float:
+    """An ``async def`` per-completion reward: ``len(completion)``."""
+    return float(len(completion))

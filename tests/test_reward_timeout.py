@@ -128,7 +128,7 @@ def test_without_timeout_the_function_runs_in_the_calling_thread() -> None:
     assert direct(["a"], [{}]).per_function["thread_name_reward"].item() == 1.0
     timed = RewardScorer([Reward(f"{HERE}.thread_name_reward", timeout=2.0)])
     assert timed(["a"], [{}]).per_function["thread_name_reward"].item() == 0.0
-    worker = timed._workers["thread_name_reward"].thread
+    worker = timed._runners["thread_name_reward"].worker.thread
     assert worker.daemon and worker.name.startswith("lit_entropy-reward-")
     timed.close()
     worker.join(timeout=2.0)
