@@ -14,9 +14,10 @@ training step (or never, as with prompts silently cut by the model's context):
 - ``sampling.max_new_tokens`` (and ``max_prompt_length``) fit in the model's context (`check_generation_budget`);
 - every prompt renders, and its token count plus ``max_new_tokens`` fits in the context and under
   ``sampling.max_prompt_length`` (`check_prompt_lengths`), naming the file and row;
-- each reward function, called once on the first training row (its reference answer as the completion),
-  does not fail for want of a field of the rows, e.g. ``example["answer"]`` with ``data.answer_field: null``
-  (`check_reward_fields`).
+- each reward function, called on the first training rows (their reference answers as the completions, in
+  the function's form), does not fail for want of a field of the rows (``example["answer"]`` with
+  ``data.answer_field: null``), for a signature that does not take its form's arguments, or on every one of
+  them (`check_reward_calls`).
 
 Each check is a plain function of the values it needs; `preflight` gathers them from a `GRPO` module and a
 data module.
@@ -33,11 +34,19 @@ from typing import Any
 
 from lit_entropy.errors import ConfigError, DataError, ModelLoadError
 from lit_entropy.prompts import render_prompt
+from lit_entropy.reward_forms import (
+    BATCHED_SIGNATURE,
+    PER_COMPLETION_SIGNATURE,
+    signature_mismatch,
+    signature_text,
+)
+from lit_entropy.reward_scorer import RewardFailureError
 
 __all__ = [
     "check_chat_template",
     "check_generation_budget",
     "check_prompt_lengths",
+    "check_reward_calls",
     "check_reward_fields",
     "check_special_tokens",
     "check_vocabulary",
@@ -207,31 +216,92 @@ def check_prompt_lengths(
     return longest
 
 
-def check_reward_fields(scorer: Any, row: Mapping[str, Any], source: str) -> None:
-    """Scores one completion (the row's answer) to catch reward functions that need a field the rows lack.
+#: Rows of the first split whose answers the reward functions score before training (`check_reward_calls`).
+PROBE_ROWS = 4
 
-    A reward function that reads ``example["answer"]`` from rows without that column fails on every
-    completion: the run would go on with constant rewards and zero advantages. Other failures of this single
-    call are left to training, where they are counted per completion.
+
+def check_reward_calls(
+    scorer: Any, rows: Sequence[Mapping[str, Any]], sources: Sequence[str], tokenizer: Any = None
+) -> None:
+    """Scores each row's answer as a completion, to stop a reward function that cannot work before training.
+
+    Each function is called as in training (its form, timeout and process), on ``len(rows)`` completions
+    (`PROBE_ROWS` in `preflight`): the rows' answers as text, their prompts from the rows, and, for the batched
+    form, their token ids from ``tokenizer`` (None without one). What stops the run here:
+
+    - a function that reads a field the rows lack (``example["answer"]`` with ``data.answer_field: null``):
+      every completion would fail, and the run would go on with constant rewards and zero advantages;
+    - a function whose signature does not take the arguments of its form (a `TypeError` from the call, the
+      arguments checked with ``inspect.signature``), always;
+    - a function failing on every completion for another reason, unless the scorer only counts failures
+      (``max_error_fraction`` None: ``model.reward_max_error_fraction: null``).
+
+    Other failures are left to training, where they are counted per completion.
 
     Raises:
-        DataError: Naming the reward, the missing field, the row and its columns.
+        DataError: A missing field, naming the reward, the field, the row and its columns.
+        RewardFailureError: A function failing on every completion, naming it, its form, its signature and
+            the exception; for a signature mismatch both accepted signatures.
     """
+    completions = [str(row.get("answer", "")) for row in rows]
+    ids = None
+    if tokenizer is not None and any(form == "batched" for form in scorer.forms):
+        ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     rewards_log = logging.getLogger("lit_entropy.reward_scorer")
     disabled, rewards_log.disabled = rewards_log.disabled, True  # a probe's failure is not a training warning
     try:
-        result = scorer([str(row.get("answer", ""))], [row], check_failures=False)
+        result = scorer(completions, list(rows), completion_ids=ids, check_failures=False)
     finally:
         rewards_log.disabled = disabled
-    for index, name in enumerate(scorer.names):
+    columns = list(dict.fromkeys(key for row in rows for key in row if key != "prompt"))
+    for index, (name, function, form) in enumerate(zip(scorer.names, scorer.functions, scorer.forms)):
         error = result.first_errors.get(name)
-        if isinstance(error, KeyError) and error.args and error.args[0] not in row:
-            field = error.args[0]
-            raise DataError(
-                f"reward {name!r} (model.rewards[{index}]) reads field {field!r} of the dataset rows, but "
-                f"{source} has none (columns: {', '.join(map(str, row))}); set data.answer_field (or the "
-                "data) so that the rows carry it"
+        if error is None:
+            continue
+        reward = scorer.rewards[index]
+        if isinstance(error, KeyError) and error.args:
+            lacking = [source for row, source in zip(rows, sources) if error.args[0] not in row]
+            if lacking:
+                raise DataError(
+                    f"reward {name!r} (model.rewards[{index}]) reads field {error.args[0]!r} of the dataset rows, "
+                    f"but {lacking[0]} has none (columns: {', '.join(map(str, rows[0]))}); set data.answer_field "
+                    "(or the data) so that the rows carry it"
+                )
+        if result.errors_per_function[name] < len(rows):
+            continue
+        mismatch = signature_mismatch(function, form, reward.kwargs, columns)
+        if mismatch is None and scorer.max_error_fraction is None:
+            continue  # only counted, as the scorer was told
+        probed = (
+            f"the answer of {sources[0]} scored as a completion"
+            if len(rows) == 1
+            else f"the answers of {sources[0]} to {sources[len(rows) - 1]} scored as completions"
+        )
+        message = (
+            f"reward {name!r} ({reward.fn}, model.rewards[{index}]) failed on {len(rows)} of {len(rows)} "
+            f"completions of the check before training (every completion; {probed}): "
+            f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        )
+        if mismatch is not None:
+            told = "set" if reward.form != "auto" else "told from its signature"
+            message += (
+                f"; it was called in the {form.replace('_', '-')} form ({told}) and its signature "
+                f"{signature_text(function)} does not take those arguments ({mismatch}); a reward function is "
+                f"called either per completion as {PER_COMPLETION_SIGNATURE}, or in TRL's batched form as "
+                f"{BATCHED_SIGNATURE} (the dataset columns as keyword lists: {', '.join(map(str, columns)) or 'none'}); "
+                "fix the signature, or set form: batched or form: per_completion on the reward"
             )
+        else:
+            message += (
+                "; a function failing on every completion stops the run (model.reward_max_error_fraction: null "
+                "only counts failures)"
+            )
+        raise RewardFailureError(message)
+
+
+def check_reward_fields(scorer: Any, row: Mapping[str, Any], source: str) -> None:
+    """`check_reward_calls` on one row (its answer as the completion), without token ids."""
+    check_reward_calls(scorer, [row], [source])
 
 
 def _describe_tokenizer(policy_config: Any) -> str:
@@ -273,7 +343,8 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
 
     Call it after ``configure_model`` and the data module's ``setup`` and before the first rollout, e.g.
     from ``GRPO.on_fit_start``: ``preflight(self, self.trainer.datamodule)``. It tokenizes every loaded
-    prompt (train, val and test rows) once and calls each reward function once; nothing runs on the model.
+    prompt (train, val and test rows) once and scores `PROBE_ROWS` completions with each reward function;
+    nothing runs on the model.
 
     Args:
         module: A `GRPO` (reads ``policy``, ``tokenizer``, ``policy_config``, ``sampling``, ``loss_config``,
@@ -281,7 +352,7 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
         datamodule: The data module, or None (data checks are then skipped). Rows are read from its
             ``train_rows``/``val_rows``/``test_rows`` and located with ``*_sources`` when present
             (`lit_entropy.data.PromptDataModule` has both).
-        check_rewards: Call each reward function once on the first row (`check_reward_fields`).
+        check_rewards: Score the first rows' answers with each reward function (`check_reward_calls`).
 
     Raises:
         ConfigError, DataError, ModelLoadError: The first problem found, naming the field, file, row or value.
@@ -302,7 +373,7 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
     context = model_context_length(model)
     check_generation_budget(sampling.max_new_tokens, sampling.max_prompt_length, context)
 
-    first: tuple[Mapping[str, Any], str] | None = None
+    first: tuple[Sequence[Mapping[str, Any]], Sequence[str]] | None = None
     for split in _SPLITS:
         rows = getattr(datamodule, f"{split}_rows", None)
         if not rows:
@@ -313,6 +384,6 @@ def preflight(module: Any, datamodule: Any = None, *, check_rewards: bool = True
             prompts, sources, tokenizer, sampling.max_new_tokens, context, sampling.max_prompt_length
         )
         if first is None:
-            first = (rows[0], sources[0])
+            first = (rows[:PROBE_ROWS], sources[:PROBE_ROWS])
     if check_rewards and first is not None:
-        check_reward_fields(module.reward_scorer, *first)
+        check_reward_calls(module.reward_scorer, *first, tokenizer=tokenizer)
