@@ -9,8 +9,12 @@ path with a weight, e.g.::
         weight: 0.1
 
 Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
-``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``, and for the demo task
-``lit_entropy.demo.countdown.countdown_reward`` and ``lit_entropy.demo.countdown.countdown_format_reward``.
+``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``,
+``lit_entropy.rewards.math_verify_match`` (needs the ``math`` extra: ``pip install 'lit-entropy[math]'``), and for
+the demo task ``lit_entropy.demo.countdown.countdown_reward`` and
+``lit_entropy.demo.countdown.countdown_format_reward``.
+
+These are all in the per-completion form; TRL's batched form works too (`lit_entropy.reward_forms`).
 
 A config entry is a `lit_entropy.reward_spec.Reward`; `lit_entropy.reward_scorer.RewardScorer` combines the
 functions into one weighted reward per completion.
@@ -18,7 +22,9 @@ functions into one weighted reward per completion.
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +35,7 @@ __all__ = [
     "extract_last_number",
     "extract_numeric_answer",
     "last_number_match",
+    "math_verify_match",
     "numeric_match",
 ]
 
@@ -173,3 +180,73 @@ def last_number_match(completion: str, example: Mapping[str, Any]) -> float:
 def answer_format(completion: str, example: Mapping[str, Any]) -> float:
     """1.0 if the completion marks a non-empty final answer with ``#### x`` or ``\\boxed{x}``, else 0.0."""
     return 0.0 if extract_numeric_answer(completion) is None else 1.0
+
+
+#: Seconds math-verify's own limit gives each parse and comparison, in the main thread (its default).
+MATH_VERIFY_TIMEOUT = 5
+_LATEX_MARKERS = ("$", "\\(", "\\[", "\\boxed")
+
+
+def _math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError as error:
+        raise ImportError(
+            "lit_entropy.rewards.math_verify_match needs math-verify, an optional dependency: "
+            "pip install 'lit-entropy[math]' (or pip install 'math-verify>=0.9')"
+        ) from error
+    return math_verify
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str, limit: int | None) -> list[Any]:
+    """The reference answer as math-verify objects (cached: a prompt's G completions share one answer)."""
+    math_verify = _math_verify()
+    marked = _GSM8K_RE.findall(answer)
+    if marked and marked[-1].strip():  # a GSM8K solution: the answer after the last "####"
+        answer = marked[-1].strip()
+    elif any(marker in answer for marker in _LATEX_MARKERS):  # a LaTeX solution: math-verify finds its answer
+        return math_verify.parse(answer, parsing_timeout=limit)
+    # a bare answer ("72", "2\\sqrt{2}", "x^2+1"): read as one LaTeX formula, else as written
+    return math_verify.parse(f"${answer}$", parsing_timeout=limit) or math_verify.parse(
+        answer, parsing_timeout=limit
+    )
+
+
+def math_verify_match(completion: str, example: Mapping[str, Any]) -> float:
+    """Rewards a completion whose answer math-verify finds equal to the reference answer (``math`` extra).
+
+    Uses Hugging Face's math-verify (``parse``, ``verify``): ``\\boxed{0.5}`` matches ``\\frac{1}{2}``,
+    ``$1 + x^2$`` matches ``x^2+1``, ``#### 1,234`` matches ``1234``.
+
+    math-verify limits each parse and comparison with ``signal.alarm``, which only works in the main thread. In
+    the main thread (no ``timeout`` on the reward, or ``process: true``) its limit is kept
+    (`MATH_VERIFY_TIMEOUT` seconds; a parse cut by it reads as no answer, 0.0); in any other thread (a reward
+    with ``timeout``, which runs in a worker thread) math-verify's limit is switched off
+    (``parsing_timeout=None``, ``timeout_seconds=None``; math-verify logs once that it is off) and the reward's
+    ``timeout`` is the only one.
+
+    Args:
+        completion: Generated text; math-verify extracts its answer (``\\boxed{}`` first, then LaTeX and plain
+            expressions).
+        example: Dataset row whose ``"answer"`` is a bare answer (``"72"``, ``"\\frac{1}{2}"``, read as one
+            formula), a LaTeX solution with ``$...$`` or ``\\boxed{}``, or a GSM8K solution (``"... #### 72"``).
+
+    Returns:
+        1.0 if equal, 0.0 when they differ or no answer is found in the completion.
+
+    Raises:
+        ImportError: math-verify is not installed (naming the ``math`` extra).
+        ValueError: math-verify reads no answer in the reference (a failure of this completion, counted).
+    """
+    math_verify = _math_verify()
+    limit = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
+    gold = _parse_gold(str(example["answer"]), limit)
+    if not gold:
+        raise ValueError(
+            f"math-verify reads no answer in the reference answer {str(example['answer'])[:80]!r}"
+        )
+    predicted = math_verify.parse(completion, parsing_timeout=limit)
+    if not predicted:
+        return 0.0
+    return 1.0 if math_verify.verify(gold, predicted, timeout_seconds=limit) else 0.0
