@@ -24,6 +24,7 @@ import torch
 from harness import WeightsAtStart, short_fit
 
 from lit_entropy.errors import ConfigError
+from lit_entropy.model import LoRA, Policy, load_policy
 from lit_entropy.reward_forms import (
     batched_arguments,
     completion_token_ids,
@@ -32,6 +33,7 @@ from lit_entropy.reward_forms import (
 )
 from lit_entropy.reward_scorer import RewardFailureError, RewardScorer
 from lit_entropy.reward_spec import Reward
+from lit_entropy.rollout import Sampling, generate_rollout
 
 HERE = __name__
 CALLS: list[dict[str, Any]] = []
@@ -504,3 +506,27 @@ def test_a_fit_with_a_trl_form_reward(tiny_model_dir: Path, tmp_path: Path) -> N
         assert row["rollout/reward/trl_fit_reward"] == pytest.approx(expected, abs=1e-6)
         assert row["rollout/reward_skipped"] == 0.0 and row["rollout/reward_errors"] == 0.0
     module.reward_scorer.close()
+
+
+def test_the_module_call_with_a_real_rollouts_token_ids(tiny_model_dir: Path) -> None:
+    """The call GRPO makes: ``completion_ids=completion_token_ids(rollout.completion_ids, rollout.completion_mask)``."""
+    model, tokenizer = load_policy(Policy(path=str(tiny_model_dir), lora=LoRA(r=4, alpha=8)))
+    model.eval()
+    prompts = ["12+3=", "7*8="]
+    rows = [{"prompt": prompts[0], "answer": 15}, {"prompt": prompts[1], "answer": 56}]
+    torch.manual_seed(0)
+    rollout = generate_rollout(
+        model, tokenizer, prompts, rows, Sampling(group_size=3, max_new_tokens=6), torch.device("cpu")
+    )
+    scorer = RewardScorer([Reward(f"{HERE}.recording")])
+    result = scorer(
+        rollout.completions,
+        rollout.examples,
+        completion_ids=completion_token_ids(rollout.completion_ids, rollout.completion_mask),
+    )
+    (call,) = CALLS
+    assert [len(ids) for ids in call["completion_ids"]] == rollout.completion_mask.sum(-1).tolist()
+    decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in call["completion_ids"]]
+    assert decoded == rollout.completions == call["completions"]
+    assert call["prompts"] == [prompts[0]] * 3 + [prompts[1]] * 3 and call["answer"] == [15] * 3 + [56] * 3
+    assert result.total.tolist() == [float(len(c)) for c in rollout.completions]
