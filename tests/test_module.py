@@ -22,6 +22,7 @@ from lit_entropy.errors import ConfigError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
+from lit_entropy.preflight import PROBE_ROWS
 from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
@@ -171,8 +172,8 @@ def test_fit_logs_rollout_and_train_metrics(fitted):
 def test_fit_reward_statistics_match_the_scored_completions(fitted):
     _, _, snapshot, reward_log, _, _ = fitted
     num_sequences, group = 4, 2
-    # preflight first scores one training row's answer (to catch rewards reading a missing field)
-    reward_log = reward_log[1:]
+    # preflight first scores the first training rows' answers (to catch rewards that cannot work)
+    reward_log = reward_log[PROBE_ROWS:]
     assert len(reward_log) == 3 * num_sequences  # every completion of every iteration scored once
     for iteration, output in enumerate(snapshot.outputs):
         rewards = torch.tensor(
