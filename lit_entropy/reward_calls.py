@@ -4,7 +4,7 @@ the coroutines that run ``async def`` rewards.
 An ``async def`` reward runs on its function's event loop (`lit_entropy.reward_worker.AsyncRewardWorker`): the
 per-completion form as one task per completion, all at once (``asyncio.gather``), the batched form as one task.
 With a ``timeout`` each task has that many seconds and is cancelled past them (a coroutine that blocks the loop
-without awaiting cannot be cancelled: the scorer then gives up on the loop, see `RewardScorer`).
+without awaiting cannot be cancelled: `CallRunner.run_async` then gives up on the loop).
 """
 
 from __future__ import annotations

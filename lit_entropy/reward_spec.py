@@ -44,8 +44,8 @@ class Reward:
             ``fn(prompts=..., completions=..., completion_ids=..., **columns, **kwargs) -> list[float | None]``,
             every dataset column passed as a list with one entry per completion; ``None`` means the function
             does not apply to that completion. ``"auto"`` (default): batched when the function's first
-            parameter is named ``prompts`` or ``completions``, per completion otherwise (see
-            `lit_entropy.reward_forms.detect_form`). ``async def`` functions of either form run concurrently
+            parameter is named ``prompts`` or ``completions`` and it can receive ``completions``, per completion
+            otherwise (see `lit_entropy.reward_forms.detect_form`). ``async def`` functions of either form run concurrently
             (`lit_entropy.reward_scorer`). With ``timeout``, a batched call has ``timeout`` seconds for the
             whole batch.
     """
