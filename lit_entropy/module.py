@@ -436,6 +436,11 @@ class GRPO(LightningModule):
             token_advantages=tensors.advantages,
             token_mask=mask,
             metrics=metrics,
+            prompts=[example["prompt"] for example in rollout.examples],
+            completions=list(rollout.completions),
+            rewards=rewards.detach(),
+            rewards_per_function={name: values.detach() for name, values in scores.per_function.items()},
+            advantages=advantages.detach(),
         )
 
     def _old_logprobs(self, rollout: Rollout, split: BatchSplit) -> Tensor | None:

@@ -175,6 +175,12 @@ class IterationOutputs(TypedDict):
         token_mask: ``[N, T]`` keep-mask of the completion tokens.
         metrics: every statistic the iteration logged, by metric name (``rollout/...``, ``train/...``,
             ``reg/<name>/...``), each a 0-dim tensor.
+        prompts: the ``N`` prompts as the dataset holds them (text or chat messages), one per completion
+            (each prompt repeated ``G`` times).
+        completions: the ``N`` decoded completions.
+        rewards: ``[N]`` total reward of each completion.
+        rewards_per_function: reward function name -> ``[N]`` its unweighted values.
+        advantages: ``[N]`` each completion's advantage (before any regularizer's replacement).
     """
 
     entropy: Tensor
@@ -185,6 +191,11 @@ class IterationOutputs(TypedDict):
     token_advantages: Tensor
     token_mask: Tensor
     metrics: dict[str, Tensor]
+    prompts: list[Any]
+    completions: list[str]
+    rewards: Tensor
+    rewards_per_function: dict[str, Tensor]
+    advantages: Tensor
 
 
 #: The scalar fields of `IterationOutputs` (besides ``metrics``).
