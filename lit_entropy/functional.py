@@ -37,6 +37,7 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "masked_sum",
+    "sequence_log_ratio",
 ]
 
 # Bound on |ref - lp| inside the k3 estimator: exp(20) ~ 4.9e8 is still finite in fp32 (and bf16), while a
@@ -195,6 +196,24 @@ def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
     """
     r = _groups(rewards.detach(), group_size)  # [B, G]
     return (r == r[:, :1]).all(dim=1)
+
+
+def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's (Zheng et al., arXiv 2507.18071) length-normalised sequence log importance ratio, ``[n, 1]``.
+
+    ``log s_i = (1 / |y_i|) * sum_t M_it * (logprobs_it - old_logprobs_it)``, so ``s_i`` is the geometric mean
+    of the sequence's token ratios. The gradient flows through ``logprobs``: ``d s_i = s_i * (1 / |y_i|) *
+    sum_t d logprobs_it``, GSPO's sequence-level gradient. A sequence without kept tokens gets 0 (ratio 1).
+
+    Args:
+        logprobs: ``[n, T]`` current log-probs.
+        old_logprobs: ``[n, T]`` log-probs under the sampling policy.
+        mask: ``[n, T]`` keep-mask.
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    m = mask.to(logprobs.dtype)
+    lengths = m.sum(dim=-1, keepdim=True).clamp(min=1)  # [n, 1]
+    return ((logprobs - old_logprobs) * m).sum(dim=-1, keepdim=True) / lengths
 
 
 def clipped_surrogate(

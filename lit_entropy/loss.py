@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor
 
@@ -20,8 +21,12 @@ from lit_entropy.functional import (
     aggregate_loss,
     clipped_surrogate,
     kl_penalty,
+    sequence_log_ratio,
 )
 from lit_entropy.regularizer import MinibatchView, Regularizer, combine, total_loss_terms
+
+#: How importance ratios are formed: per token (PPO, GRPO) or per sequence (GSPO).
+ImportanceLevel = Literal["token", "sequence"]
 
 
 @dataclass
@@ -38,6 +43,13 @@ class Loss:
         kl_estimator: ``k1``, ``k2`` or ``k3``.
         aggregation: how per-token losses become one number; ``token-mean`` is the exact token mean of the
             optimizer mini-batch even when it is split into micro-batches.
+        importance_sampling_level: ``token`` (PPO/GRPO: one ratio per token) or ``sequence`` (GSPO, Zheng et
+            al. 2025: every token of a sequence gets the sequence's length-normalised ratio ``s_i``, clipped as a
+            whole; use it with ``seq-mean-token-mean`` and the paper's small clip ranges, e.g. ``eps_low: 3e-4,
+            eps_high: 4e-4``, since ``s_i`` stays much closer to 1 than token ratios do).
+        mask_truncated_completions: leave completions that hit ``max_new_tokens`` without EOS out of the loss
+            (as TRL's option of this name; DAPO's overlong filtering). They still count in their group's
+            reward statistics and advantages.
     """
 
     advantage: AdvantageMode = "grpo"
@@ -48,6 +60,8 @@ class Loss:
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
     aggregation: LossAggregation = "token-mean"
+    importance_sampling_level: ImportanceLevel = "token"
+    mask_truncated_completions: bool = False
 
     def validate(self) -> None:
         """Check every option; the CLI checks the ``Literal`` choices while parsing, this also covers a `Loss`
@@ -61,6 +75,7 @@ class Loss:
             ("advantage_scale", AdvantageScale),
             ("kl_estimator", KLEstimator),
             ("aggregation", LossAggregation),
+            ("importance_sampling_level", ImportanceLevel),
         ):
             check_choice(f"loss.{name}", getattr(self, name), choices)
         if self.eps_low < 0 or self.eps_high < 0:
@@ -71,6 +86,10 @@ class Loss:
             raise ConfigError(f"loss.dual_clip must be > 1 (or null), got {self.dual_clip}")
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+        if not isinstance(self.mask_truncated_completions, bool):
+            raise ConfigError(
+                f"loss.mask_truncated_completions must be true or false, got {self.mask_truncated_completions!r}"
+            )
 
 
 @dataclass
@@ -90,13 +109,17 @@ def microbatch_loss(
 ) -> MicrobatchLoss:
     """Loss of one micro-batch, normalised by the whole mini-batch (summing over micro-batches gives its loss).
 
-    Per token: ``w * surrogate(A', eps_low', eps_high') + penalties + kl_coef * KL``, where ``A'`` and the clip
+    Per token: ``w * surrogate(A', eps_low', eps_high') + penalties + kl_coef * KL`` (the surrogate's ratio is
+    the token's, or its sequence's with ``importance_sampling_level="sequence"``), where ``A'`` and the clip
     range may be overridden by one regularizer each, ``w`` is the product of the regularizers' weights and
     ``penalties`` their sum; then aggregated by ``loss.aggregation``, plus the regularizers' scalar terms.
     """
     combined = combine(regularizers, view)
+    ratio_logprobs = view.logprobs
+    if loss.importance_sampling_level == "sequence":  # GSPO: each token carries its sequence's ratio s_i
+        ratio_logprobs = view.old_logprobs + sequence_log_ratio(view.logprobs, view.old_logprobs, view.mask)
     surrogate, clipped_low, clipped_high = clipped_surrogate(
-        view.logprobs,
+        ratio_logprobs,
         view.old_logprobs,
         combined.advantages,
         eps_low=combined.eps_low,

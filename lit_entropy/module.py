@@ -390,8 +390,11 @@ class GRPO(LightningModule):
         )  # [N]
         split = self.batch_split(rollout.num_sequences // group)
         mask = rollout.completion_mask  # [N, T]
+        loss_mask = (
+            mask & ~rollout.truncated[:, None] if self.loss_config.mask_truncated_completions else mask
+        )
         tensors = RolloutTensors(
-            mask=mask,
+            mask=loss_mask,
             advantages=advantages[:, None].expand_as(mask).float(),
             old_logprobs=self._old_logprobs(rollout, split),
             ref_logprobs=(
