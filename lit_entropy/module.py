@@ -64,7 +64,8 @@ from lit_entropy.preflight import check_writable, preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import IterationOutputs, Regularizer, find_regularizers
 from lit_entropy.resumable_checkpoint import warn_inexact_checkpoints
-from lit_entropy.reward_scorer import RewardScorer
+from lit_entropy.reward_forms import completion_token_ids
+from lit_entropy.reward_scorer import RewardResult, RewardScorer
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
@@ -383,7 +384,7 @@ class GRPO(LightningModule):
         iteration = self.trainer.fit_loop.total_batch_idx
         group = self.sampling.group_size
         rollout = self.generate(batch)
-        scores = self.reward_scorer(rollout.completions, rollout.examples)
+        scores = self._score(rollout)
         rewards = scores.total.to(self.device)  # [N]
         advantages = group_advantages(
             rewards, group, self.loss_config.advantage, self.loss_config.advantage_scale
@@ -445,6 +446,11 @@ class GRPO(LightningModule):
             rewards_per_function={name: values.detach() for name, values in scores.per_function.items()},
             advantages=advantages.detach(),
         )
+
+    def _score(self, rollout: Rollout) -> RewardResult:
+        """The rollout's rewards; batched (TRL-form) functions also get each completion's token ids."""
+        ids = completion_token_ids(rollout.completion_ids, rollout.completion_mask)
+        return self.reward_scorer(rollout.completions, rollout.examples, completion_ids=ids)
 
     def _old_logprobs(self, rollout: Rollout, split: BatchSplit) -> Tensor | None:
         """``[N, T]`` log-probs under the sampling policy; None when fully on-policy (the current ones are)."""
@@ -577,12 +583,12 @@ class GRPO(LightningModule):
         """Accuracy of greedy answers (the first reward function's value) and the metrics of sampled ones."""
         first = self.reward_scorer.names[0]
         greedy = self.generate(batch, greedy=True, num_samples=1)
-        scores = self.reward_scorer(greedy.completions, greedy.examples)
+        scores = self._score(greedy)
         for name, metric in metrics.update_greedy(scores.per_function[first]).items():
             self.log(name, metric, on_epoch=True, prog_bar=name.endswith("accuracy"), batch_size=len(batch))
         if self.val_num_samples > 0:
             sampled = self.generate(batch, num_samples=self.val_num_samples)
-            scores = self.reward_scorer(sampled.completions, sampled.examples)
+            scores = self._score(sampled)
             logged = metrics.update_sampled(scores.total, scores.per_function[first], sampled.completions)
             for name, metric in logged.items():
                 self.log(name, metric, on_epoch=True, batch_size=len(batch))

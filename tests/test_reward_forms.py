@@ -500,8 +500,9 @@ def test_a_fit_with_a_trl_form_reward(tiny_model_dir: Path, tmp_path: Path) -> N
         assert all(
             int(prompt.split(">")[1][:-1]) == answer for prompt, answer in zip(prompts, call["answer"])
         )
-        ids = call["completion_ids"]
-        assert ids is None or [len(i) > 0 for i in ids] == [True] * 8
+        ids = call["completion_ids"]  # GRPO passes each completion's kept token ids
+        assert isinstance(ids, list) and len(ids) == 8 and all(isinstance(i, list) and i for i in ids)
+        assert all(isinstance(token, int) for i in ids for token in i)
         expected = sum(sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in call["completions"]) / 8
         assert row["rollout/reward/trl_fit_reward"] == pytest.approx(expected, abs=1e-6)
         assert row["rollout/reward_skipped"] == 0.0 and row["rollout/reward_errors"] == 0.0
