@@ -10,11 +10,13 @@ path with a weight, e.g.::
 
 Built-in paths: ``lit_entropy.rewards.exact_match``, ``lit_entropy.rewards.numeric_match``,
 ``lit_entropy.rewards.last_number_match``, ``lit_entropy.rewards.answer_format``,
-``lit_entropy.rewards.math_verify_match`` (needs the ``math`` extra: ``pip install 'lit-entropy[math]'``), and for
+``lit_entropy.rewards.math_verify_match`` (needs the ``math`` extra: ``pip install 'lit-entropy[math]'``),
+``lit_entropy.rewards.soft_overlong_penalty`` (DAPO's length penalty, in the batched form), and for
 the demo task ``lit_entropy.demo.countdown.countdown_reward`` and
 ``lit_entropy.demo.countdown.countdown_format_reward``.
 
-These are all in the per-completion form; TRL's batched form works too (`lit_entropy.reward_forms`).
+These are in the per-completion form except ``soft_overlong_penalty``; TRL's batched form works for any
+function (`lit_entropy.reward_forms`).
 
 A config entry is a `lit_entropy.reward_spec.Reward`; `lit_entropy.reward_scorer.RewardScorer` combines the
 functions into one weighted reward per completion.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "last_number_match",
     "math_verify_match",
     "numeric_match",
+    "soft_overlong_penalty",
 ]
 
 RewardFunction = Callable[[str, Mapping[str, Any]], float]
@@ -250,3 +253,40 @@ def math_verify_match(completion: str, example: Mapping[str, Any]) -> float:
     if not predicted:
         return 0.0
     return 1.0 if math_verify.verify(gold, predicted, timeout_seconds=limit) else 0.0
+
+
+def soft_overlong_penalty(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    completion_ids: Sequence[Sequence[int]],
+    max_completion_length: int,
+    soft_punish_cache: int,
+    **columns: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al., arXiv 2503.14476, eq. 13), in the batched form.
+
+    With ``L = len(completion_ids[i])``, ``L_max = max_completion_length`` and ``L_cache = soft_punish_cache``:
+    ``0`` when ``L <= L_max - L_cache``, ``(L_max - L_cache - L) / L_cache`` (from 0 down to -1) inside the last
+    ``L_cache`` tokens, ``-1`` beyond ``L_max``. Set ``max_completion_length`` to ``sampling.max_new_tokens``
+    and add it next to the task's reward (weight 1, as in DAPO)::
+
+        rewards:
+          - fn: lit_entropy.rewards.numeric_match
+          - fn: lit_entropy.rewards.soft_overlong_penalty
+            kwargs: {max_completion_length: 512, soft_punish_cache: 128}
+    """
+    if soft_punish_cache < 1 or soft_punish_cache > max_completion_length:
+        raise ValueError(
+            f"soft_punish_cache must be in [1, max_completion_length={max_completion_length}], got {soft_punish_cache}"
+        )
+    start = max_completion_length - soft_punish_cache
+    penalties = []
+    for ids in completion_ids:
+        length = len(ids)
+        if length <= start:
+            penalties.append(0.0)
+        elif length <= max_completion_length:
+            penalties.append((start - length) / soft_punish_cache)
+        else:
+            penalties.append(-1.0)
+    return penalties
