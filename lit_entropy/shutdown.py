@@ -94,7 +94,7 @@ class CheckpointOnSigterm(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         if self._saved_at_step == trainer.global_step:
             return  # saved at the end of this iteration's validation
