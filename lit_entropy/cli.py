@@ -6,18 +6,18 @@ import copy
 import re
 import sys
 import warnings
-from collections.abc import Iterator
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lit_entropy.errors import ConfigError, LitEntropyError
+from lit_entropy.config_files import check_config_files, config_paths
+from lit_entropy.errors import LitEntropyError
 from lit_entropy.resumable_checkpoint import ResumableCheckpoint
+from lit_entropy.resume_overrides import ResumeLearningRate, check_resume_changes, command_line_model_keys
 from lit_entropy.run_folder import (
     claim_logger_versions,
     describe,
@@ -67,92 +67,6 @@ def one_line_error(message: str) -> str:
     reason = reasons[0] if reasons else message.strip().splitlines()[0]
     reason = re.sub(r'^(Parser key "[^"]+":\s*)+', "", reason)  # the keys are already in front
     return f"{'.'.join(keys)}: {reason}" if keys else reason
-
-
-def _config_paths(argv: Any) -> list[str]:
-    """The files given as ``--config PATH`` / ``--config=PATH`` (any subcommand)."""
-    if not isinstance(argv, (list, tuple)):
-        return []
-    paths = []
-    for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            paths.append(str(argv[index + 1]))
-        elif isinstance(arg, str) and arg.startswith("--config="):
-            paths.append(arg.partition("=")[2])
-    return paths
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _duplicate_keys(
-    node: yaml.Node, path: str = "", seen: set[int] | None = None
-) -> Iterator[tuple[str, int, int]]:
-    """``(dotted key, line, line of the first one)`` for every key given twice in one mapping (lines 1-based).
-
-    PyYAML keeps the last value of a duplicate key without a word. Merge keys (``<<: *base``) are not
-    duplicates: overriding merged values is what they are for.
-    """
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias of a node already walked
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-            dotted = f"{path}.{name}" if path else name
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
-                line = key_node.start_mark.line + 1
-                if (key_node.tag, key_node.value) in first:
-                    yield dotted, line, first[(key_node.tag, key_node.value)]
-                else:
-                    first[(key_node.tag, key_node.value)] = line
-            yield from _duplicate_keys(value_node, dotted, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{path}[{index}]", seen)
-
-
-def check_config_files(argv: Any) -> None:
-    """Reads every ``--config`` file before jsonargparse does, to name the file and the line of a problem.
-
-    Raises:
-        ConfigError: A config file that does not exist, is not a file, is empty, is not valid YAML (with the
-            line and column), has a key twice in one mapping (with both lines), or does not hold a mapping of
-            sections (``trainer``, ``model``, ``data``, ...).
-    """
-    for path in _config_paths(argv):
-        file = Path(path)
-        if not file.exists() and any(char in path for char in ":{\n"):
-            continue  # jsonargparse also accepts the config itself as a YAML string
-        if not file.exists():
-            raise ConfigError(f"--config {path}: file does not exist")
-        if not file.is_file():
-            raise ConfigError(f"--config {path}: not a file")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"--config {path}: cannot be read: {err}") from err
-        try:
-            content = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"--config {path}: invalid YAML{where}: {problem}") from err
-        if content is None:
-            raise ConfigError(f"--config {path}: file is empty")
-        if not isinstance(content, dict):
-            raise ConfigError(
-                f"--config {path}: expected a mapping of sections (trainer, model, data, ...), "
-                f"got {type(content).__name__}"
-            )
-        for key, line, first in _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
-            raise ConfigError(
-                f"--config {path}: duplicate key '{key}' at line {line} (first at line {first}); "
-                "YAML would keep only the last value: remove one"
-            )
 
 
 class LitEntropyArgumentParser(LightningArgumentParser):
@@ -217,7 +131,7 @@ class LitEntropyCLI(LightningCLI):
         resume silently dropped ``--model.init_args.learning_rate 1e-5``. Here the order is: config files, then the
         checkpoint's hyperparameters (as in Lightning: the module continues as it was trained), then every
         ``--model.*`` argument of the command line. Settings a resume cannot change are refused
-        (`_check_changes`); every value that differs from the config or from the checkpoint is printed.
+        (`check_resume_changes`); every value that differs from the config or from the checkpoint is printed.
         """
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -229,7 +143,7 @@ class LitEntropyCLI(LightningCLI):
         if ckpt_path == "last" and subcommand == "fit":
             root = config.trainer.default_root_dir or DEFAULT_ROOT_DIR
             current = self._dump(subcommand)
-            files = ", ".join(f"--config {path}" for path in _config_paths(self._argv))
+            files = ", ".join(f"--config {path}" for path in config_paths(self._argv))
             name = f"this configuration ({files + '; ' if files else ''}{describe(current)})"
             ckpt_path = config.ckpt_path = find_last_checkpoint(root, current, name)
         if lightning_resolves(str(ckpt_path)):
@@ -250,13 +164,13 @@ class LitEntropyCLI(LightningCLI):
             )
             raise
         merged = self._dump(subcommand)
-        for key in _command_line_model_keys(self._argv):
+        for key in command_line_model_keys(self._argv):
             if key in before_config[subcommand]:
                 self.config[subcommand][key] = copy.deepcopy(before_config[subcommand][key])
         final = self._dump(subcommand)
         from_checkpoint = list(differences(final["model"], before["model"], "model"))
         overridden = list(differences(final["model"], merged["model"], "model"))
-        self._check_changes(str(ckpt_path), before, merged, final, overridden)
+        self._resume_learning_rate = check_resume_changes(str(ckpt_path), before, merged, final, overridden)
         if from_checkpoint:
             changes = ", ".join(
                 f"{key}={short(ours)} (config: {short(theirs)})" for key, ours, theirs in from_checkpoint
@@ -269,43 +183,6 @@ class LitEntropyCLI(LightningCLI):
             print(
                 f"lit-entropy: the command line's values replace the checkpoint's: {changes}", file=sys.stderr
             )
-
-    def _check_changes(
-        self,
-        ckpt_path: str,
-        before: dict[str, Any],
-        merged: dict[str, Any],
-        final: dict[str, Any],
-        overridden: list[tuple[str, Any, Any]],
-    ) -> None:
-        """Refuse what a resume cannot change; arrange for a new learning rate to reach the restored optimizer."""
-        if merged["model"].get("class_path") != before["model"].get("class_path"):
-            raise ConfigError(
-                f"--ckpt_path {ckpt_path}: the checkpoint is of {merged['model'].get('class_path')}, "
-                f"the config's model is {before['model'].get('class_path')}"
-            )
-        fixed = [
-            (key, ours, theirs, why) for key, ours, theirs in overridden if (why := _fixed_on_resume(key))
-        ]
-        init_args = final["model"].get("init_args") or {}
-        rate = [change for change in overridden if change[0] == "model.init_args.learning_rate"]
-        if rate and init_args.get("optimizer") is None and init_args.get("lr_scheduler") is not None:
-            key, ours, theirs = rate[0]
-            fixed.append(
-                (key, ours, theirs, "the lr_scheduler's restored state keeps scaling the checkpoint's rate")
-            )
-        if fixed:
-            refused = "; ".join(
-                f"{key} ({short(theirs)} in the checkpoint, {short(ours)} here: {why})"
-                for key, ours, theirs, why in fixed
-            )
-            raise ConfigError(
-                f"--ckpt_path {ckpt_path}: a resume cannot change {refused}; drop the override, or start a new run "
-                "without --ckpt_path"
-            )
-        if rate and init_args.get("optimizer") is None:
-            _, ours, theirs = rate[0]
-            self._resume_learning_rate = (float(ours), float(theirs))
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -327,66 +204,6 @@ class LitEntropyCLI(LightningCLI):
         if self._resume_learning_rate is not None:
             trainer.callbacks.append(ResumeLearningRate(*self._resume_learning_rate))
         return trainer
-
-
-def _command_line_model_keys(argv: list[Any]) -> list[str]:
-    """The ``model`` keys the command line sets, in the config's spelling (``model.init_args.learning_rate``)."""
-    keys = []
-    for arg in argv:
-        if not isinstance(arg, str) or not arg.startswith("--model"):
-            continue
-        key = arg[2:].split("=", 1)[0].rstrip("+")
-        if key == "model":
-            keys.append(key)  # the whole module given at once (a class name, a YAML/JSON string or file)
-        elif key.startswith("model."):
-            rest = key[len("model.") :]
-            if rest.split(".", 1)[0] not in ("class_path", "init_args", "dict_kwargs"):
-                rest = f"init_args.{rest}"  # jsonargparse's short form --model.learning_rate
-            keys.append(f"model.{rest}")
-    return keys
-
-
-# What a resume cannot change, and why: the checkpoint's trainable weights and generator states fix them.
-_FIXED = {
-    "model.init_args.policy.lora": "the checkpoint's LoRA weights have the shapes and places of the old setting",
-    "model.init_args.policy.embedded": "the checkpoint's weights were trained on the base model the old one builds",
-    "model.init_args.seed": "the mini-batch shuffling generator is restored from the checkpoint, so it has no effect",
-}
-
-
-def _fixed_on_resume(key: str) -> str | None:
-    if key == "model.init_args.policy.embedded.cache_dir":
-        return None  # where the built model is cached, not what it is
-    for prefix, why in _FIXED.items():
-        if key == prefix or key.startswith(f"{prefix}.") or key.startswith(f"{prefix}["):
-            return why
-    return None
-
-
-class ResumeLearningRate(Callback):
-    """Puts a learning rate changed on resume into the optimizer, after Lightning restored the old one.
-
-    Lightning restores the optimizer's state, ``param_groups`` (and so ``lr``) included, after
-    ``configure_optimizers`` built it with the module's new ``learning_rate``; ``on_train_start`` comes after that.
-    Used only for the module's own AdamW without an ``lr_scheduler`` (a changed rate is refused with one).
-    """
-
-    def __init__(self, learning_rate: float, checkpoint_rate: float) -> None:
-        self.learning_rate = learning_rate
-        self.checkpoint_rate = checkpoint_rate
-
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = self.learning_rate
-                if "initial_lr" in group:
-                    group["initial_lr"] = self.learning_rate
-        print(
-            f"lit-entropy: learning rate {self.learning_rate:g} (the checkpoint's optimizer had "
-            f"{self.checkpoint_rate:g})",
-            file=sys.stderr,
-        )
 
 
 def _project_error(error: BaseException) -> LitEntropyError | None:

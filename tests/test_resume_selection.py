@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from lit_entropy.cli import LitEntropyCLI, check_config_files, main
+from lit_entropy.cli import LitEntropyCLI, main
+from lit_entropy.config_files import check_config_files
 from lit_entropy.errors import ConfigError
 from lit_entropy.run_folder import claim_version, find_last_checkpoint, read_checkpoint
 
