@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lit_entropy.errors import ConfigError
@@ -206,3 +207,24 @@ class FSDP2(ModelParallelStrategy):
             )
         # everything else Lightning saved (loops, callbacks, lit_entropy's RNG state), from rank 0's file
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
+def shard_for_strategy(policy: nn.Module, mesh: object, strategy: object, dtype: str) -> None:
+    """`shard_policy` under the Trainer's strategy, which gave the module the device ``mesh``.
+
+    Args:
+        policy: the loaded policy.
+        mesh: the module's device mesh (set by Lightning's ``ModelParallelStrategy``).
+        strategy: the Trainer's strategy.
+        dtype: ``policy.dtype``, the compute dtype of layers that mix dtypes.
+
+    Raises:
+        ConfigError: A strategy other than `FSDP2`: it cannot resume lit_entropy's adapter-only checkpoints.
+    """
+    if not isinstance(strategy, FSDP2):
+        raise ConfigError(
+            f"trainer.strategy {type(strategy).__name__} cannot resume lit_entropy's adapter-only "
+            "checkpoints: use class_path lit_entropy.distributed.FSDP2 (data-parallel FSDP2)"
+        )
+    num_layers = shard_policy(policy, mesh, param_dtype=getattr(torch, dtype))
+    rank_zero_info(f"lit_entropy: FSDP2 sharded {num_layers} decoder layers over {world_size()} ranks")

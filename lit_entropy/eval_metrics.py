@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lit_entropy.errors import ConfigError
 from lit_entropy.evaluation import distinct_correct, pass_at_k
 
 
@@ -24,9 +25,16 @@ class StageMetrics(torch.nn.Module):
         stage: the log prefix (``val`` or ``test``).
         num_samples: sampled completions per prompt (0 = greedy accuracy only).
         pass_at_k: the k values of ``pass@k``, each in ``[1, num_samples]``.
+
+    Raises:
+        ConfigError: A k outside ``[1, num_samples]`` (named by the module's options, ``val_num_samples``).
     """
 
     def __init__(self, stage: str, num_samples: int, pass_at_k: list[int]) -> None:
+        if pass_at_k and (min(pass_at_k) < 1 or max(pass_at_k) > num_samples):
+            raise ConfigError(
+                f"pass_at_k values must be in [1, val_num_samples={num_samples}], got {list(pass_at_k)}"
+            )
         super().__init__()
         self.stage = stage
         self.num_samples = num_samples

@@ -20,6 +20,7 @@ checkpointing per chunk: correct for every module, at the cost of recomputing th
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,9 +29,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_entropy.errors import ConfigError
 from lit_entropy.logprobs import rows_logprobs_and_entropy, token_logprobs_and_entropy
+from lit_entropy.model import causal_lm_parts, head_reproduces_logits
 
 if TYPE_CHECKING:
     from lit_entropy.rollout import SequenceBatch
+
+log = logging.getLogger(__name__)
 
 #: fp32 elements of one ``[chunk, V]`` block when ``chunk_size`` is not given: 2**25 (128 MB), i.e. 220 rows of
 #: a 151,936-token vocabulary. The peak of the computation is a few such blocks, whatever ``N*T`` is.
@@ -40,6 +44,22 @@ DEFAULT_CHUNK_ELEMENTS = 2**25
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk so that one fp32 ``[chunk, V]`` block holds about `DEFAULT_CHUNK_ELEMENTS` values."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def fused_head_parts(policy: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, head)`` of ``policy`` for the fused head, or None (with a warning) to use its own logits.
+
+    None when the parts are not found or when ``head(decoder(x))`` is not the model's logits (soft-capping,
+    logit scaling): log-probs then come from the full logits (``lm_parts=None`` below).
+    """
+    parts = causal_lm_parts(policy)
+    if parts is not None and head_reproduces_logits(policy, *parts):
+        return parts
+    log.warning(
+        "lit_entropy: fused_head is on but this model's logits are not its output head applied to "
+        "its last hidden state; computing log-probs from the full logits instead"
+    )
+    return None
 
 
 def is_frozen_linear(head: nn.Module) -> bool:

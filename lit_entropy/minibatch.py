@@ -33,6 +33,19 @@ class BatchSplit:
     microbatch: int
     ppo_epochs: int
 
+    @staticmethod
+    def check_sizes(ppo_epochs: int, minibatch_size: int | None, microbatch_size: int | None) -> None:
+        """The options on their own, before the rollout size is known (`of` checks that the sizes divide).
+
+        Raises:
+            ConfigError: ``ppo_epochs < 1``, or a size that is below 1 (and not null).
+        """
+        if ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
+        for name, value in (("minibatch_size", minibatch_size), ("microbatch_size", microbatch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+
     @classmethod
     def of(
         cls,

@@ -16,8 +16,6 @@ Shapes: ``B`` prompts, ``G`` completions per prompt, ``N = B*G``, ``T`` completi
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,26 +38,19 @@ from lit_entropy.checkpoint_state import (
     restore_payload,
     trainable_state,
 )
-from lit_entropy.distributed import FSDP2, shard_policy, sum_over_ranks, world_size
+from lit_entropy.distributed import shard_for_strategy, sum_over_ranks, world_size
 from lit_entropy.errors import ConfigError
 from lit_entropy.eval_metrics import StageMetrics
+from lit_entropy.fit_summary import FitSummary
 from lit_entropy.functional import group_advantages
-from lit_entropy.head import completion_logprobs_and_entropy
+from lit_entropy.head import completion_logprobs_and_entropy, fused_head_parts
 from lit_entropy.iteration_stats import IterationSums, iteration_stats
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.metrics_history import MetricsHistory
 from lit_entropy.minibatch import BatchSplit, RolloutTensors
-from lit_entropy.model import (
-    LoRA,
-    Policy,
-    Quantization,
-    causal_lm_parts,
-    head_reproduces_logits,
-    load_policy,
-    reference_context,
-    trainable_parameters,
-)
+from lit_entropy.model import LoRA, Policy, Quantization, load_policy, reference_context, trainable_parameters
 from lit_entropy.nonfinite_guard import NonfiniteGuard
+from lit_entropy.optimizer import build_optimizer, check_optimizer_options, optimizer_step
 from lit_entropy.preflight import check_writable, preflight
 from lit_entropy.prompts import render_prompt
 from lit_entropy.regularizer import IterationOutputs, Regularizer, find_regularizers
@@ -69,8 +60,6 @@ from lit_entropy.reward_scorer import RewardResult, RewardScorer
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
-
-log = logging.getLogger(__name__)
 
 # The checkpoint's hyper_parameters hold these dataclasses; Lightning resumes with torch.load(weights_only=True),
 # which refuses classes that are not allow-listed, so `fit(ckpt_path=...)` would fail without this.
@@ -107,11 +96,10 @@ class GRPO(LightningModule):
             chunk (`lit_entropy.head`), never holding ``[n, T, V]`` logits. Falls back to the model's logits,
             with a warning, when the model's forward does more than project its last hidden state.
         head_chunk_size: rows per chunk of that computation (default: about 2**25 fp32 logits per chunk).
-        sampler_logprobs: take the old log-probs of off-policy updates from generation (recorded per step,
-            fp32, full vocabulary at the sampling temperature) instead of a second forward pass over the
-            rollout. Exact only where the sampler and the trainer run the same weights in the same precision
-            (mismatch measured in docs/performance.md). Off by default: with a quantized or lower-precision
-            sampler the ratio of the first update would no longer start at 1.
+        sampler_logprobs: take the old log-probs of off-policy updates from generation (fp32, full vocabulary, at
+            the sampling temperature) instead of a second forward pass. Exact only where sampler and trainer run
+            the same weights in the same precision (docs/performance.md); off by default, since with a quantized
+            or lower-precision sampler the first update's ratio would no longer start at 1.
         max_consecutive_nonfinite: an update whose loss or gradient is not finite is skipped and counted
             (``train/skipped_nonfinite``); this many in a row stop the run with an error.
     """
@@ -167,10 +155,14 @@ class GRPO(LightningModule):
         self.head_chunk_size = head_chunk_size
         self.sampler_logprobs = sampler_logprobs
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        self._nonfinite = NonfiniteGuard(
-            max_consecutive_nonfinite
-        )  # checkpointed: a resumed run keeps counting
+        # checkpointed: a resumed run keeps counting
+        self._nonfinite = NonfiniteGuard(max_consecutive_nonfinite)
         self._validate()
+        # torchmetrics reduce across ranks correctly (sums and counts, not means of means)
+        self.train_entropy = MeanMetric(dist_sync_on_step=True)
+        self.train_reward = MeanMetric(dist_sync_on_step=True)
+        self.val_metrics = StageMetrics("val", val_num_samples, self.pass_at_k)
+        self.test_metrics = StageMetrics("test", val_num_samples, self.pass_at_k)
         self.reward_scorer = RewardScorer(
             rewards, on_error=reward_on_error, max_error_fraction=reward_max_error_fraction
         )
@@ -181,38 +173,17 @@ class GRPO(LightningModule):
         self.tokenizer: Any = None
         self._regularizers: list[Regularizer] = []
         self._shuffle = torch.Generator().manual_seed(seed)
-        self._history: list[
-            tuple[float, float]
-        ] = []  # (reward, entropy) per RL iteration of this fit, for the summary
-        # torchmetrics reduce across ranks correctly (sums and counts, not means of means)
-        self.train_entropy = MeanMetric(dist_sync_on_step=True)
-        self.train_reward = MeanMetric(dist_sync_on_step=True)
-        self.val_metrics = StageMetrics("val", val_num_samples, self.pass_at_k)
-        self.test_metrics = StageMetrics("test", val_num_samples, self.pass_at_k)
+        self._summary = FitSummary()  # (reward, entropy) per RL iteration of this fit, logged at its end
 
     def _validate(self) -> None:
+        """Each option checked where it is used (the pass@k values by `StageMetrics`), and the options together."""
         self.policy_config.validate()
         self.sampling.validate()
         self.loss_config.validate()
-        if self.ppo_epochs < 1:
-            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        for name in ("minibatch_size", "microbatch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
-        if self.pass_at_k and (min(self.pass_at_k) < 1 or max(self.pass_at_k) > self.val_num_samples):
-            raise ConfigError(
-                f"pass_at_k values must be in [1, val_num_samples={self.val_num_samples}], got {self.pass_at_k}"
-            )
+        BatchSplit.check_sizes(self.ppo_epochs, self.minibatch_size, self.microbatch_size)
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
-        if self.max_grad_norm is not None and not (
-            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
-        ):
-            raise ConfigError(f"max_grad_norm must be a finite number > 0 or null, got {self.max_grad_norm}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            # an infinite rate turns the weights to NaN while the loss of that update still looks finite
-            raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        check_optimizer_options(self.learning_rate, self.max_grad_norm)
         if self.loss_config.kl_coef > 0 and self.policy_config.lora is None:
             raise ConfigError(
                 "loss.kl_coef > 0 needs a reference policy: set policy.lora (adapters off = reference)"
@@ -228,26 +199,9 @@ class GRPO(LightningModule):
         self.policy, self.tokenizer = load_policy(self.policy_config, device=device)
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy (FSDP2)
         self._sharded = mesh is not None
-        if self._sharded and not isinstance(self.trainer.strategy, FSDP2):
-            raise ConfigError(
-                f"trainer.strategy {type(self.trainer.strategy).__name__} cannot resume lit_entropy's adapter-only "
-                "checkpoints: use class_path lit_entropy.distributed.FSDP2 (data-parallel FSDP2)"
-            )
         if self._sharded:
-            num_layers = shard_policy(self.policy, mesh, param_dtype=getattr(torch, self.policy_config.dtype))
-            rank_zero_info(
-                f"lit_entropy: FSDP2 sharded {num_layers} decoder layers over {world_size()} ranks"
-            )
-        self._lm_parts = None
-        if self.fused_head:
-            parts = causal_lm_parts(self.policy)
-            if parts is not None and head_reproduces_logits(self.policy, *parts):
-                self._lm_parts = parts
-            else:
-                log.warning(
-                    "lit_entropy: fused_head is on but this model's logits are not its output head applied to "
-                    "its last hidden state; computing log-probs from the full logits instead"
-                )
+            shard_for_strategy(self.policy, mesh, self.trainer.strategy, self.policy_config.dtype)
+        self._lm_parts = fused_head_parts(self.policy) if self.fused_head else None
         self.policy.train()  # from_pretrained returns eval mode; generation switches to eval explicitly
 
     @override
@@ -259,13 +213,9 @@ class GRPO(LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         parameters = trainable_parameters(self.policy)
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(parameters)
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        return build_optimizer(
+            parameters, self.optimizer_factory, self.lr_scheduler_factory, self.learning_rate
+        )
 
     @override
     def on_fit_start(self) -> None:
@@ -302,10 +252,8 @@ class GRPO(LightningModule):
     def sequence_logprobs(self, batch: SequenceBatch, entropy_grad: bool = True) -> tuple[Tensor, Tensor]:
         """fp32 log-probs and entropy of the completion tokens: ``([n, T], [n, T])`` (padded to the rollout's T).
 
-        Only the completion positions are projected to the vocabulary, divided by the sampling temperature, so
-        entropy is that of the distribution that was actually sampled. With ``fused_head`` the projection is
-        chunked (`head_logprobs_and_entropy`); otherwise the model returns those logits (``logits_to_keep``).
-        ``entropy_grad=False`` returns a detached entropy (cheaper backward).
+        At the sampling temperature, so entropy is that of the distribution that was actually sampled; chunked
+        with ``fused_head`` (`completion_logprobs_and_entropy`). ``entropy_grad=False`` detaches the entropy.
         """
         logprobs, entropy = completion_logprobs_and_entropy(
             self.policy,
@@ -418,19 +366,10 @@ class GRPO(LightningModule):
 
         entropy_mean = self.train_entropy(first_epoch_entropy[mask])
         self.train_reward(rewards)
-        stats = iteration_stats(
-            rewards,
-            group,
-            mask,
-            rollout.truncated,
-            scores,
-            sums,
-            split.updates,
-            time.perf_counter() - started,
-        )
+        elapsed = time.perf_counter() - started
+        stats = iteration_stats(rewards, group, mask, rollout.truncated, scores, sums, split.updates, elapsed)
         metrics = self._log_iteration(stats, prompts=rollout.num_sequences // group)
-        if torch.isfinite(entropy_mean):  # a rollout without kept tokens has no mean entropy
-            self._history.append((stats["rollout/reward_mean"], float(entropy_mean)))
+        self._summary.add(stats["rollout/reward_mean"], float(entropy_mean))
         return IterationOutputs(
             entropy=entropy_mean.detach(),
             reward=metrics["rollout/reward_mean"],
@@ -512,52 +451,10 @@ class GRPO(LightningModule):
             update_loss += result.loss.detach()
             seen_logprobs.append(logprobs.detach())
             seen_entropy.append(entropy.detach())
-        grad_norm = self._step(
-            self.optimizers(), self.lr_schedulers(), sums, update_loss, empty=int(num_tokens) == 0
-        )
+        empty = int(num_tokens) == 0  # no kept token on any rank: the update is skipped
+        grad_norm = optimizer_step(self, sums, update_loss, empty, self._nonfinite, self.max_grad_norm)
         sums.add_update(update_loss, grad_norm)
         return torch.cat(seen_logprobs), torch.cat(seen_entropy)
-
-    def _step(
-        self, optimizer: Any, scheduler: Any, sums: IterationSums, loss: Tensor, empty: bool
-    ) -> Tensor | None:
-        """Clip, step, zero, schedule; returns the gradient norm before clipping, or None for a skipped update.
-
-        An update is skipped (gradients dropped, no optimizer or scheduler step) when its mini-batch has no
-        kept token on any rank (``empty``) or when the loss or the gradient is not finite on some rank; the
-        latter are counted, and `max_consecutive_nonfinite` of them in a row stop the run. A skipped update
-        still advances Lightning's step count, so ``max_steps`` and ``every_n_train_steps`` keep their meaning.
-        """
-        grads = [p.grad for p in trainable_parameters(self.policy) if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a partial DTensor
-            grad_norm = grad_norm.full_tensor()
-        if empty:
-            optimizer.zero_grad(set_to_none=True)
-            sums.skipped_empty += 1
-            self._count_skipped_step()
-            return None
-        # after the gradient all-reduce every rank holds the same norm; the loss is local, so sum it
-        if not self._nonfinite.is_finite(grad_norm, sum_over_ranks(loss)):
-            optimizer.zero_grad(set_to_none=True)
-            sums.skipped_nonfinite += 1
-            self._count_skipped_step()
-            return None
-        if self.max_grad_norm is not None:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        return grad_norm.detach()
-
-    def _count_skipped_step(self) -> None:
-        """Advance the optimizer-step progress (Lightning's ``global_step``) for an update that was skipped."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
 
     def _log_iteration(self, stats: dict[str, float], prompts: int) -> dict[str, Tensor]:
         """Log the iteration's statistics (`iteration_stats`) and the running entropy and reward."""
@@ -613,22 +510,13 @@ class GRPO(LightningModule):
         adapter_state = trainable_state(self.policy, full=True) if self._sharded else None
         if not self.trainer.is_global_zero:
             return
-        if self._history:
-            window = max(1, min(10, len(self._history) // 2))
-            first, last = self._history[:window], self._history[-window:]
-            rank_zero_info(
-                f"lit_entropy: {len(self._history)} RL iterations; mean over the first / last {window}: "
-                f"reward {_mean(first, 0):.3f} -> {_mean(last, 0):.3f}, "
-                f"entropy {_mean(first, 1):.3f} -> {_mean(last, 1):.3f} nats"
-            )
+        summary = self._summary.message()
+        if summary is not None:
+            rank_zero_info(summary)
         folder = self.adapter_folder()
         self.policy.save_pretrained(folder, state_dict=adapter_state)
         self.tokenizer.save_pretrained(folder)
         rank_zero_info(f"lit_entropy: adapter saved in peft format to {folder}")
-
-
-def _mean(rows: list[tuple[float, float]], column: int) -> float:
-    return sum(row[column] for row in rows) / len(rows)
 
 
 __all__ = ["GRPO"]

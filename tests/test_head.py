@@ -244,11 +244,11 @@ def test_module_fused_head_on_a_4bit_model(tiny_model_dir):
 def test_module_falls_back_to_logits_when_the_head_does_not_reproduce_them(
     tiny_model_dir, caplog, monkeypatch
 ):
-    import lit_entropy.module
+    import lit_entropy.head
 
-    monkeypatch.setattr(lit_entropy.module, "head_reproduces_logits", lambda *args: False)
+    monkeypatch.setattr(lit_entropy.head, "head_reproduces_logits", lambda *args: False)
     module = GRPO(policy=Policy(path=str(tiny_model_dir)), rewards=[_reward()])
-    with caplog.at_level(logging.WARNING, logger="lit_entropy.module"):
+    with caplog.at_level(logging.WARNING, logger="lit_entropy.head"):
         module.configure_model()
     assert module._lm_parts is None
     assert "computing log-probs from the full logits" in caplog.text
