@@ -1,7 +1,7 @@
 """`FitSummary`: the reward and entropy of each RL iteration of a fit, and the line logged at its end.
 
-``lit_entropy: 40 RL iterations; mean over the first / last 10: reward 0.125 -> 0.450, entropy 0.812 -> 0.533
-nats`` (windows of up to 10 iterations, at most half the fit each).
+``lit_entropy: <n> RL iterations; mean over the first / last <w>: reward <first> -> <last>, entropy <first> ->
+<last> nats``, with windows ``w`` of up to 10 iterations, at most half the fit each.
 """
 
 from __future__ import annotations
