@@ -510,7 +510,7 @@ class GRPO(LightningModule):
         adapter_state = trainable_state(self.policy, full=True) if self._sharded else None
         if not self.trainer.is_global_zero:
             return
-        summary = self._summary.message()
+        summary = self._summary.message(self.trainer.callback_metrics)  # with the last val/* metrics
         if summary is not None:
             rank_zero_info(summary)
         folder = self.adapter_folder()
