@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lit_entropy.config_files import check_config_files, config_paths
 from lit_entropy.errors import LitEntropyError
+from lit_entropy.progress import replace_default_progress_bar
 from lit_entropy.resumable_checkpoint import ResumableCheckpoint
 from lit_entropy.resume_overrides import ResumeLearningRate, check_resume_changes, command_line_model_keys
 from lit_entropy.run_folder import (
@@ -195,6 +196,15 @@ class LitEntropyCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
                 init_args.save_dir = root
+
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # Lightning's default bar counts the dataloader's batches per epoch; RLProgressBar counts RL iterations
+        given = config.get("callbacks")
+        configured = [*(given if isinstance(given, list) else [given] if given else []), *callbacks]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        replace_default_progress_bar(trainer, configured)
+        return trainer
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
