@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_entropy.config_files import check_config_files, config_paths
+from lit_entropy.console import quiet_console
 from lit_entropy.errors import LitEntropyError
 from lit_entropy.progress import replace_default_progress_bar
 from lit_entropy.resumable_checkpoint import ResumableCheckpoint
@@ -240,6 +241,7 @@ def main(args: Any = None) -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    quiet_console()  # Lightning's litlogger tip, the resume's dirpath warning (lit_entropy.console)
     try:
         if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
             from lit_entropy.report import main as report_main

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from lit_entropy.console import no_transformers_progress_bars, quiet_lightning
 from lit_entropy.demo.char_tokenizer import build_char_tokenizer
 from lit_entropy.demo.countdown import generate_countdown_examples
 from lit_entropy.demo.sft import SFT, supervised_batch
@@ -145,18 +146,20 @@ def _build(config: EmbeddedModel, folder: str) -> None:
         # the warm-up must not move the caller's RNG streams (the RL run's seed decides its own sampling)
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            trainer = Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_steps=config.warmup_steps,
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=False,
-                num_sanity_val_steps=0,
-            )
             loader = DataLoader(batches, batch_size=None)  # each item is already a batch
-            trainer.fit(SFT(model, learning_rate=config.warmup_lr), train_dataloaders=loader)
+            with quiet_lightning():  # an inner Trainer: no device banner or "`Trainer.fit` stopped" line
+                trainer = Trainer(
+                    accelerator="cpu",
+                    devices=1,
+                    max_steps=config.warmup_steps,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_model_summary=False,
+                    enable_progress_bar=False,
+                    num_sanity_val_steps=0,
+                )
+                trainer.fit(SFT(model, learning_rate=config.warmup_lr), train_dataloaders=loader)
     model.eval()
-    model.save_pretrained(folder)
+    with no_transformers_progress_bars():  # one shard of a tiny model
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
