@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import sys
 import warnings
@@ -11,12 +12,14 @@ from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_entropy.config_files import check_config_files, config_paths
 from lit_entropy.console import quiet_console
 from lit_entropy.errors import LitEntropyError
+from lit_entropy.predictions import PredictionWriter
 from lit_entropy.progress import replace_default_progress_bar
 from lit_entropy.resumable_checkpoint import ResumableCheckpoint
 from lit_entropy.resume_overrides import ResumeLearningRate, check_resume_changes, command_line_model_keys
@@ -29,8 +32,21 @@ from lit_entropy.run_folder import (
     read_checkpoint,
     short,
 )
+from lit_entropy.trl_names import trl_hint
 
 DEFAULT_ROOT_DIR = "runs"
+#: The subcommands that evaluate a trained policy; they log under ``<default_root_dir>/<subcommand>/``.
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+_FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+#: The commands `main` runs itself (plain argparse), listed under LightningCLI's subcommands in ``--help``.
+OTHER_COMMANDS = (
+    "other commands: "
+    "report RUN_DIR... (summary table and figures of finished runs); "
+    "merge-adapter ADAPTER_DIR --out DIR [--base PATH] (an adapter merged into its base, saved as a plain model "
+    "folder); "
+    "prepare-model NAME (a real model prepared offline into a model folder). "
+    "Each has its own --help."
+)
 # Lines of jsonargparse's nested Union / class_path report that carry no information of their own.
 _NOISE = re.compile(
     r"^(- )?(Parser key|Does not validate|Subtypes:|Errors:|Problem with given class_path|"
@@ -78,7 +94,8 @@ class LitEntropyArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # nested parsers: the outer one reports
             super().error(message, ex)
-        print(f"lit-entropy: error: {one_line_error(message)}", file=sys.stderr)
+        hint = trl_hint(message)
+        print(f"lit-entropy: error: {one_line_error(message)}{'; ' + hint if hint else ''}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -103,6 +120,7 @@ class LitEntropyCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             parser_class=LitEntropyArgumentParser,
+            parser_kwargs={"epilog": OTHER_COMMANDS},
             args=args,
             run=run,
         )
@@ -190,12 +208,23 @@ class LitEntropyCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # As with Lightning's own default logger, --trainer.default_root_dir moves logs, config.yaml,
         # checkpoints and the adapter together.
+        #
+        # validate / test / predict never write into a training run's folder: their CSV and TensorBoard logs (and
+        # config.yaml) go to `<default_root_dir>/<subcommand>/version_N` (TensorBoard's under `.../tensorboard/`),
+        # whatever save_dir the config names (the config.yaml of a fit names the fit's folder).
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else []
+        evaluating = self.subcommand in EVAL_SUBCOMMANDS
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
-            if root and init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
+            if init_args is None:
+                continue
+            if evaluating and str(getattr(logger, "class_path", "")).endswith(_FOLDER_LOGGERS):
+                init_args.save_dir = os.path.join(root or DEFAULT_ROOT_DIR, self.subcommand)
+                if init_args.get("name", "lightning_logs") == "lightning_logs":
+                    init_args.name = ""
+            elif root and init_args.get("save_dir") == DEFAULT_ROOT_DIR:
                 init_args.save_dir = root
 
     @override
@@ -209,7 +238,19 @@ class LitEntropyCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        # As LightningCLI's, except that `trainer.enable_checkpointing: false` drops the `checkpoint` group's
+        # callback (Lightning refuses a ModelCheckpoint callback with checkpointing disabled).
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        keys = self._parser(self.subcommand).callback_keys
+        if trainer_config.get("enable_checkpointing") is False:
+            keys = [key for key in keys if key != "checkpoint"]
+        trainer = self._instantiate_trainer(
+            trainer_config, [self._get(self.config_init, key) for key in keys]
+        )
+        if self.subcommand == "predict" and not any(
+            isinstance(c, BasePredictionWriter) for c in trainer.callbacks
+        ):
+            trainer.callbacks.append(PredictionWriter())  # <log_dir>/predictions.jsonl
         # This run's version folder exists from now on: a run started at the same moment takes the next one.
         claim_logger_versions(trainer.loggers)
         if self._resume_learning_rate is not None:
@@ -232,8 +273,9 @@ def _project_error(error: BaseException) -> LitEntropyError | None:
 def main(args: Any = None) -> None:
     """Entry point; errors of the project's own checks print as one line (``lit-entropy: error: ...``).
 
-    ``lit-entropy report RUN_DIR...`` goes to `lit_entropy.report` and ``lit-entropy prepare-model ...`` to
-    `lit_entropy.pretrained` (plain argparse, not LightningCLI subcommands).
+    ``lit-entropy report RUN_DIR...`` goes to `lit_entropy.report`, ``lit-entropy merge-adapter ...`` to
+    `lit_entropy.merge` and ``lit-entropy prepare-model ...`` to `lit_entropy.pretrained` (plain argparse, not
+    LightningCLI subcommands; ``--help`` lists them under ``OTHER_COMMANDS``).
     """
     argv = sys.argv[1:] if args is None else args
     # Lightning 2.6 builds torch's deprecated LeafSpec on every training step under torch >= 2.10: a FutureWarning
@@ -247,6 +289,11 @@ def main(args: Any = None) -> None:
             from lit_entropy.report import main as report_main
 
             report_main(list(argv[1:]))
+            return
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["merge-adapter"]:
+            from lit_entropy.merge import main as merge_main
+
+            merge_main(list(argv[1:]))
             return
         if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["prepare-model"]:
             from lit_entropy.pretrained import main as prepare_main

@@ -312,6 +312,21 @@ class PromptDataModule(LightningDataModule):
         self._check_characters("test", self.test_rows, self.test_sources)
         return self._eval_loader(self.test_rows)
 
+    @override
+    def predict_dataloader(self) -> DataLoader[Row]:
+        """The prompts `predict` completes, in order: the test split when ``test_files`` is set, else the
+        validation split (``val_files`` / ``val_fraction``, or a generated task's ``num_val`` rows)."""
+        if self.test_files is not None:
+            return self.test_dataloader()
+        self._setup_validate()
+        if not self.val_rows:
+            raise ConfigError(
+                "predict has no prompts: set test_files, or val_files / val_fraction (it completes the test split, "
+                "else the validation split)"
+            )
+        self._check_characters("val", self.val_rows, self.val_sources)
+        return self._eval_loader(self.val_rows)
+
 
 class GeneratedDataModule(PromptDataModule):
     """Base of the tasks whose prompts are generated in code from a seed (no files).

@@ -71,6 +71,10 @@ class Policy:
         trust_remote_code: Allow model and tokenizer folders that ship their own Python code (off by default:
             with it on, the ``.py`` files named by the folder's ``auto_map`` are imported and run).
         embedded: Build the embedded tiny model (and warm it up) instead of loading ``path``.
+        adapter_path: A saved peft adapter folder (what ``fit`` exports to ``<log_dir>/adapter``) to start from
+            instead of fresh adapters: ``fit`` continues training it, ``validate`` / ``test`` / ``predict``
+            evaluate it. Its own ``adapter_config.json`` sets rank, alpha and target modules (``lora``'s values
+            that differ are reported and ignored); needs ``lora`` set.
     """
 
     path: str | None = None
@@ -81,6 +85,7 @@ class Policy:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     embedded: EmbeddedModel | None = None
+    adapter_path: str | None = None
 
     def validate(self) -> None:
         """Check the settings alone: no file is read (`check_files` looks at the folders).
@@ -109,6 +114,11 @@ class Policy:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"policy.{name} must be true or false, got {getattr(self, name)!r}")
 
+        if self.adapter_path is not None and self.lora is None:
+            raise ConfigError(
+                "policy.adapter_path needs policy.lora (adapters are what trains; the adapter's own config sets "
+                "their rank and targets), or drop policy.adapter_path for full fine-tuning"
+            )
         if self.lora is not None:
             lora = self.lora
             if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
@@ -169,6 +179,10 @@ class Policy:
                     f"policy.path: model folder '{self.path}' has no weights "
                     f"(no {', '.join(_WEIGHT_PATTERNS)} file)"
                 )
+        if self.adapter_path is not None:
+            from lit_entropy.adapter import check_adapter_folder
+
+            check_adapter_folder(self.adapter_path)
         if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
             raise ModelLoadError(
                 f"policy.tokenizer_path: tokenizer folder '{self.tokenizer_path}' does not exist"
@@ -306,7 +320,11 @@ def load_policy(
             # every checkpointed block even if a caller switches to reentrant checkpointing.
             model.enable_input_require_grads()
 
-    if policy.lora is not None:
+    if policy.lora is not None and policy.adapter_path is not None:
+        from lit_entropy.adapter import load_adapter
+
+        model = load_adapter(model, policy.adapter_path, policy.path, policy.lora)
+    elif policy.lora is not None:
         from peft import LoraConfig, get_peft_model
 
         lora = policy.lora

@@ -476,6 +476,13 @@ class GRPO(LightningModule):
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
 
+    @override
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy completion per prompt, scored: rows ``{prompt, completion, reward, answer}``."""
+        from lit_entropy.predictions import predict_completions
+
+        return predict_completions(self, batch)
+
     def _evaluate(self, batch: list[dict[str, Any]], metrics: StageMetrics) -> None:
         """Accuracy of greedy answers (the first reward function's value) and the metrics of sampled ones."""
         first = self.reward_scorer.names[0]

@@ -43,7 +43,10 @@ Series = list[tuple[int, float]]
 
 
 def find_metrics_csv(run_dir: Path) -> Path:
-    """The newest ``metrics.csv`` under ``run_dir`` (by modification time, then ``version_N``, then path).
+    """The newest training ``metrics.csv`` under ``run_dir`` (by modification time, then ``version_N``, then path).
+
+    A ``metrics.csv`` without a ``train/entropy`` column (the log of a ``validate``, ``test`` or ``predict`` run
+    beside the training run) is skipped while a training log is there.
 
     Raises:
         DataError: ``run_dir`` is not a folder or holds no ``metrics.csv``.
@@ -53,7 +56,17 @@ def find_metrics_csv(run_dir: Path) -> Path:
     found = sorted(run_dir.glob("**/metrics.csv"), key=_newest_key)
     if not found:
         raise DataError(f"no metrics.csv under {str(run_dir)!r}: is it the log folder of a CSVLogger run?")
-    return found[-1]
+    training = [path for path in found if ENTROPY in _header(path)]
+    return (training or found)[-1]
+
+
+def _header(path: Path) -> list[str]:
+    """The column names of a CSV file (none when it is empty or unreadable)."""
+    try:
+        with path.open(newline="") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _newest_key(path: Path) -> tuple[float, int, str]:
