@@ -3,6 +3,7 @@
 from lit_entropy.callbacks.adapo import ADAPO
 from lit_entropy.callbacks.clip_cov import ClipCov
 from lit_entropy.callbacks.collapse_guard import CollapseGuard
+from lit_entropy.callbacks.completion_log import CompletionLog
 from lit_entropy.callbacks.entropy_bonus import AdaptiveEntropyBonus, EntropyBonus
 from lit_entropy.callbacks.entropy_constraint import EntropyConstraint
 from lit_entropy.callbacks.entropy_law import EntropyLaw
@@ -17,6 +18,7 @@ __all__ = [
     "AdaptiveEntropyBonus",
     "ClipCov",
     "CollapseGuard",
+    "CompletionLog",
     "EntropyBonus",
     "EntropyConstraint",
     "EntropyLaw",
