@@ -80,6 +80,8 @@ def _lora_differences(config: dict[str, Any], lora: LoRA) -> list[str]:
         other = theirs[key]
         if isinstance(value, list) and isinstance(other, list):
             value, other = sorted(value), sorted(other)
+        if key == "target_modules" and value == "all-linear":
+            continue  # peft saves "all-linear" expanded to the module names it matched
         if other is not None and value != other:
             differences.append(f"{key}={theirs[key]!r} (policy.lora: {ours[key]!r})")
     return differences

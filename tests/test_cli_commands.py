@@ -345,3 +345,12 @@ def test_trl_option_in_a_yaml_config_gets_a_hint(fitted, tmp_path, override, hin
 
 def test_trl_hint_is_empty_for_other_names():
     assert trl_hint("model: Option 'bogus' is not accepted") == ""
+
+
+def test_all_linear_matches_the_module_names_peft_saved(fitted, tiny_model_dir, caplog):
+    _, _, log_dir = fitted
+    with caplog.at_level(logging.WARNING, logger="lit_entropy.adapter"):
+        load_policy(
+            Policy(path=str(tiny_model_dir), lora=LoRA(r=4, alpha=8), adapter_path=str(log_dir / "adapter"))
+        )
+    assert "own LoRA settings" not in caplog.text  # the fit's "all-linear" is saved as the expanded names
