@@ -388,7 +388,9 @@ class GRPO(LightningModule):
 
     def _score(self, rollout: Rollout) -> RewardResult:
         """The rollout's rewards; batched (TRL-form) functions also get each completion's token ids."""
-        ids = completion_token_ids(rollout.completion_ids, rollout.completion_mask)
+        ids = None
+        if "batched" in self.reward_scorer.forms:  # the [N, T] ids copied to Python lists only when used
+            ids = completion_token_ids(rollout.completion_ids, rollout.completion_mask)
         return self.reward_scorer(rollout.completions, rollout.examples, completion_ids=ids)
 
     def _old_logprobs(self, rollout: Rollout, split: BatchSplit) -> Tensor | None:
