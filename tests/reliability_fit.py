@@ -86,12 +86,11 @@ class Record(Callback):
         )
 
 
-def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
-    """Make every checkpoint file write name its target in ``marker``, write half, sleep ``delay``, then the rest.
+def write_checkpoints_in_halves(between: Any) -> None:
+    """Make every checkpoint file write put half its bytes on disk, call ``between(handle)``, then write the rest.
 
     `lit_entropy.checkpoint_io.save_atomically` writes the whole checkpoint with one ``_write`` into a temporary
-    file beside the target, so this holds every checkpoint write open, half written, long enough for a test to
-    kill the process in the middle of it.
+    file beside the target, so ``between`` runs while that file is half written.
     """
     from lit_entropy import checkpoint_io
 
@@ -99,13 +98,23 @@ def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
         half = len(data) // 2
         handle.write(data[:half])
         handle.flush()
-        with open(marker, "a") as log:
-            log.write(f"{handle.name}\n")
-        time.sleep(delay)
+        between(handle)
         handle.write(data[half:])
         handle.flush()
 
     checkpoint_io._write = write
+
+
+def slow_checkpoint_writes(delay: float, marker: str | Path) -> None:
+    """Make every checkpoint file write name its target in ``marker``, write half, sleep ``delay``, then the rest,
+    long enough for a test to kill the process in the middle of it."""
+
+    def pause(handle: Any) -> None:
+        with open(marker, "a") as log:
+            log.write(f"{handle.name}\n")
+        time.sleep(delay)
+
+    write_checkpoints_in_halves(pause)
 
 
 def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 120.0) -> None:
@@ -164,8 +173,6 @@ def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 1
 
         Trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
     elif moment == "checkpoint-write":
-        from lit_entropy import checkpoint_io
-
         saving: list[Trainer] = []
         original_save = Trainer.save_checkpoint
 
@@ -176,16 +183,8 @@ def pause_at(moment: str, iteration: int, marker: str | Path, seconds: float = 1
             finally:
                 saving.pop()
 
-        def write(handle: Any, data: memoryview) -> None:
-            half = len(data) // 2
-            handle.write(data[:half])
-            handle.flush()
-            hold(saving[-1])  # half of the file is on disk
-            handle.write(data[half:])
-            handle.flush()
-
         Trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
-        checkpoint_io._write = write
+        write_checkpoints_in_halves(lambda handle: hold(saving[-1]))
     else:
         raise ValueError(f"unknown pause moment {moment!r}")
 

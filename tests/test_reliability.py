@@ -253,15 +253,13 @@ CHAINS = {
         ("after-checkpoint", 5),  # the last iteration: the run finishes instead of stopping
     ],
 }
-#: metrics.csv columns that measure wall time, not the computation
-TIMED_COLUMNS = {"train/tokens_per_sec"}
 
 
 def metrics_rows(path: Path) -> list[dict[str, str]]:
     """``metrics.csv`` as rows of ``{column: text}``, empty cells and timing columns left out."""
     with path.open(newline="") as handle:
         return [
-            {key: value for key, value in row.items() if value and key not in TIMED_COLUMNS}
+            {key: value for key, value in row.items() if value and key not in reliability_fit.TIMING_KEYS}
             for row in csv.DictReader(handle)
         ]
 
