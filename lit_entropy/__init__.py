@@ -3,10 +3,12 @@
 from lit_entropy.arithmetic import ArithmeticDataModule
 from lit_entropy.data import PromptDataModule
 from lit_entropy.demo import SFT, CountdownDataModule, EmbeddedModel
+from lit_entropy.dynamic_sampling import DynamicSampling
 from lit_entropy.errors import ConfigError, DataError, LitEntropyError, ModelLoadError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization
 from lit_entropy.module import GRPO
+from lit_entropy.progress import RLProgressBar
 from lit_entropy.regularizer import Adjustment, IterationOutputs, MinibatchView, Regularizer, Replacements
 from lit_entropy.resumable_checkpoint import ResumableCheckpoint
 from lit_entropy.reward_scorer import RewardFailureError
@@ -23,6 +25,7 @@ __all__ = [
     "ConfigError",
     "CountdownDataModule",
     "DataError",
+    "DynamicSampling",
     "EmbeddedModel",
     "IterationOutputs",
     "LitEntropyError",
@@ -35,6 +38,7 @@ __all__ = [
     "Policy",
     "PromptDataModule",
     "Quantization",
+    "RLProgressBar",
     "Regularizer",
     "Reward",
     "RewardFailureError",

@@ -39,6 +39,12 @@ from lit_entropy.checkpoint_state import (
     trainable_state,
 )
 from lit_entropy.distributed import shard_for_strategy, sum_over_ranks, world_size
+from lit_entropy.dynamic_sampling import (
+    DynamicSampling,
+    DynamicSamplingStats,
+    draw_prompts,
+    sample_informative_groups,
+)
 from lit_entropy.errors import ConfigError
 from lit_entropy.eval_metrics import StageMetrics
 from lit_entropy.fit_summary import FitSummary
@@ -63,7 +69,7 @@ from lit_entropy.shutdown import CheckpointOnSigterm
 
 # The checkpoint's hyper_parameters hold these dataclasses; Lightning resumes with torch.load(weights_only=True),
 # which refuses classes that are not allow-listed, so `fit(ckpt_path=...)` would fail without this.
-torch.serialization.add_safe_globals([Policy, LoRA, Quantization, Sampling, Loss, Reward])
+torch.serialization.add_safe_globals([Policy, LoRA, Quantization, Sampling, Loss, Reward, DynamicSampling])
 
 
 class GRPO(LightningModule):
@@ -74,6 +80,8 @@ class GRPO(LightningModule):
         rewards: reward functions by import path, with weights; their weighted sum is the reward.
         sampling: rollout options (``group_size`` G, ``max_new_tokens``, temperature, top-p, top-k).
         loss: objective options (advantages, clip range, KL, aggregation).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more
+            prompts are sampled until the rollout holds ``B`` informative groups (`DynamicSampling`; None = off).
         ppo_epochs: passes over each rollout.
         minibatch_size: sequences per optimizer update (default: the whole rollout, N).
         microbatch_size: sequences per forward/backward; gradients accumulate (default: the mini-batch).
@@ -110,6 +118,7 @@ class GRPO(LightningModule):
         rewards: list[Reward],
         sampling: Sampling | None = None,
         loss: Loss | None = None,
+        dynamic_sampling: DynamicSampling | None = None,
         ppo_epochs: int = 1,
         minibatch_size: int | None = None,
         microbatch_size: int | None = None,
@@ -138,6 +147,7 @@ class GRPO(LightningModule):
         self.policy_config = policy
         self.sampling = sampling or Sampling()
         self.loss_config = loss or Loss()
+        self.dynamic_sampling = dynamic_sampling
         self.ppo_epochs = ppo_epochs
         self.minibatch_size = minibatch_size
         self.microbatch_size = microbatch_size
@@ -180,6 +190,8 @@ class GRPO(LightningModule):
         self.policy_config.validate()
         self.sampling.validate()
         self.loss_config.validate()
+        if self.dynamic_sampling is not None:
+            self.dynamic_sampling.validate()
         BatchSplit.check_sizes(self.ppo_epochs, self.minibatch_size, self.microbatch_size)
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise ConfigError(f"head_chunk_size must be >= 1 or null, got {self.head_chunk_size}")
@@ -331,8 +343,7 @@ class GRPO(LightningModule):
         # batch_idx restarts every pass over the prompts; the fit loop's total count survives epochs and resume
         iteration = self.trainer.fit_loop.total_batch_idx
         group = self.sampling.group_size
-        rollout = self.generate(batch)
-        scores = self._score(rollout)
+        rollout, scores, dynamic = self._sample(batch)
         rewards = scores.total.to(self.device)  # [N]
         advantages = group_advantages(
             rewards, group, self.loss_config.advantage, self.loss_config.advantage_scale
@@ -368,6 +379,8 @@ class GRPO(LightningModule):
         self.train_reward(rewards)
         elapsed = time.perf_counter() - started
         stats = iteration_stats(rewards, group, mask, rollout.truncated, scores, sums, split.updates, elapsed)
+        if dynamic is not None:
+            stats.update(dynamic.metrics(self.device))
         metrics = self._log_iteration(stats, prompts=rollout.num_sequences // group)
         self._summary.add(stats["rollout/reward_mean"], float(entropy_mean))
         return IterationOutputs(
@@ -384,6 +397,25 @@ class GRPO(LightningModule):
             rewards=rewards.detach(),
             rewards_per_function={name: values.detach() for name, values in scores.per_function.items()},
             advantages=advantages.detach(),
+        )
+
+    def _sample(
+        self, batch: list[dict[str, Any]]
+    ) -> tuple[Rollout, RewardResult, DynamicSamplingStats | None]:
+        """The iteration's rollout and rewards: the batch's, or with dynamic sampling ``B`` informative groups."""
+        if self.dynamic_sampling is None:
+            rollout = self.generate(batch)
+            return rollout, self._score(rollout), None
+        loader = self.trainer.train_dataloader
+        return sample_informative_groups(
+            batch,
+            self.dynamic_sampling,
+            generate=self.generate,
+            score=self._score,
+            draw=lambda count: draw_prompts(loader, count, self._shuffle),
+            pad_id=self.tokenizer.pad_token_id,
+            in_step=self._sharded,
+            device=self.device,
         )
 
     def _score(self, rollout: Rollout) -> RewardResult:

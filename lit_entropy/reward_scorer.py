@@ -99,6 +99,46 @@ class RewardResult:
     skipped_per_function: dict[str, int] = field(default_factory=dict)
     num_unscored: int = 0
 
+    @staticmethod
+    def concat_groups(parts: Sequence[tuple[RewardResult, Tensor]], group_size: int) -> RewardResult:
+        """The rewards of the groups ``indices`` of each ``(result, indices)`` part, in order (as
+        `lit_entropy.rollout.concat_groups` lays out their completions).
+
+        Counts (errors, timeouts, skips) are summed over every part whole: a failure in a group that was not
+        kept still happened. The first error of each function is the first part's.
+        """
+
+        def rows(indices: Tensor) -> Tensor:
+            return (indices.long()[:, None] * group_size + torch.arange(group_size)).flatten()
+
+        def add(counts: list[dict[str, int]]) -> dict[str, int]:
+            total: dict[str, int] = {}
+            for count in counts:
+                for name, value in count.items():
+                    total[name] = total.get(name, 0) + value
+            return total
+
+        results = [result for result, _ in parts]
+        first_errors: dict[str, BaseException] = {}
+        for result in results:
+            for name, error in result.first_errors.items():
+                first_errors.setdefault(name, error)
+        return RewardResult(
+            total=torch.cat([result.total[rows(indices)] for result, indices in parts]),
+            per_function={
+                name: torch.cat([result.per_function[name][rows(indices)] for result, indices in parts])
+                for name in results[0].per_function
+            },
+            num_errors=sum(result.num_errors for result in results),
+            errors_per_function=add([result.errors_per_function for result in results]),
+            num_timeouts=sum(result.num_timeouts for result in results),
+            timeouts_per_function=add([result.timeouts_per_function for result in results]),
+            first_errors=first_errors,
+            num_skipped=sum(result.num_skipped for result in results),
+            skipped_per_function=add([result.skipped_per_function for result in results]),
+            num_unscored=sum(result.num_unscored for result in results),
+        )
+
 
 class RewardFailureError(LitEntropyError, RuntimeError):
     """A reward function failed on every completion of one scoring call, or on more than its allowed share.

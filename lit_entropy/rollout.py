@@ -97,6 +97,49 @@ class Rollout:
         )
 
 
+def concat_groups(parts: Sequence[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
+    """One rollout of the groups ``indices`` of each ``(rollout, indices)`` part, in order.
+
+    Prompts stay left-padded and completions right-padded: each part is padded to the longest prompt and the
+    longest completion of all parts with ``pad_id`` (mask False). ``sampler_logprobs`` are kept only when every
+    part has them.
+    """
+    group = parts[0][0].group_size
+    prompt_width = max(rollout.prompt_ids.shape[1] for rollout, _ in parts)
+    completion_width = max(rollout.completion_ids.shape[1] for rollout, _ in parts)
+    with_logprobs = all(rollout.sampler_logprobs is not None for rollout, _ in parts)
+    fields: dict[str, list[Tensor]] = {name: [] for name in ("pi", "pm", "ci", "cm", "tr", "lp")}
+    completions: list[str] = []
+    examples: list[Mapping[str, Any]] = []
+    for rollout, indices in parts:
+        if rollout.group_size != group:
+            raise ValueError(f"group sizes differ: {rollout.group_size} and {group}")
+        rows = (indices.long()[:, None] * group + torch.arange(group)).flatten()
+        left = prompt_width - rollout.prompt_ids.shape[1]
+        right = completion_width - rollout.completion_ids.shape[1]
+        pad = torch.nn.functional.pad
+        fields["pi"].append(pad(rollout.prompt_ids[rows], (left, 0), value=pad_id))
+        fields["pm"].append(pad(rollout.prompt_mask[rows], (left, 0), value=False))
+        fields["ci"].append(pad(rollout.completion_ids[rows], (0, right), value=pad_id))
+        fields["cm"].append(pad(rollout.completion_mask[rows], (0, right), value=False))
+        fields["tr"].append(rollout.truncated[rows])
+        if with_logprobs:
+            fields["lp"].append(pad(rollout.sampler_logprobs[rows], (0, right), value=0.0))
+        completions.extend(rollout.completions[int(row)] for row in rows)
+        examples.extend(rollout.examples[int(row)] for row in rows)
+    return Rollout(
+        prompt_ids=torch.cat(fields["pi"]),
+        prompt_mask=torch.cat(fields["pm"]),
+        completion_ids=torch.cat(fields["ci"]),
+        completion_mask=torch.cat(fields["cm"]),
+        truncated=torch.cat(fields["tr"]),
+        completions=completions,
+        examples=examples,
+        group_size=group,
+        sampler_logprobs=torch.cat(fields["lp"]) if with_logprobs else None,
+    )
+
+
 def left_padded_positions(attention_mask: Tensor) -> Tensor:
     """Position ids ``[n, L]`` that count real tokens only, from 0 (as generation does under left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

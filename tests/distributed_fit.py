@@ -33,6 +33,7 @@ from lit_entropy import GRPO, LoRA, Policy, Reward, Sampling  # noqa: E402
 from lit_entropy.callbacks import ClipCov, HighEntropyTokens, KLCov  # noqa: E402
 from lit_entropy.data import PromptDataModule  # noqa: E402
 from lit_entropy.distributed import FSDP2  # noqa: E402
+from lit_entropy.dynamic_sampling import DynamicSampling  # noqa: E402
 from lit_entropy.loss import Loss  # noqa: E402
 from lit_entropy.prompts import render_prompt  # noqa: E402
 from lit_entropy.regularizer import scalar_outputs
@@ -44,6 +45,11 @@ ALPHABET = "0123456789+-*= "
 def digit_reward(completion: str, example: dict) -> float:
     """Fraction of digits in the completion: varies between completions, so advantages are non-zero."""
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def odd_prompt_digit_reward(completion: str, example: dict) -> float:
+    """`digit_reward` for prompts ``i+2i=`` with odd ``i``; 0.5 for every completion of the others (no signal)."""
+    return digit_reward(completion, example) if int(example["prompt"].split("+")[0]) % 2 else 0.5
 
 
 class ScriptedGRPO(GRPO):
@@ -110,6 +116,12 @@ def main() -> None:
     parser.add_argument("--scripted", action="store_true")
     parser.add_argument("--ckpt-dir", default=None, help="save a checkpoint every iteration here")
     parser.add_argument("--resume", default=None, help="checkpoint to resume from")
+    parser.add_argument(
+        "--dynamic-rounds", type=int, default=None, help="dynamic sampling with this many rounds at most"
+    )
+    parser.add_argument(
+        "--reward", default="digit_reward", choices=["digit_reward", "odd_prompt_digit_reward"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seed_everything(0, workers=True)
@@ -131,9 +143,10 @@ def main() -> None:
     module_class = ScriptedGRPO if args.scripted else GRPO
     module = module_class(
         policy=Policy(path=args.model, lora=LoRA(r=4, alpha=8)),
-        rewards=[Reward(fn="distributed_fit.digit_reward")],
+        rewards=[Reward(fn=f"distributed_fit.{args.reward}")],
         sampling=Sampling(group_size=4, max_new_tokens=8, temperature=1.0),
         loss=Loss(eps_low=0.1, eps_high=0.1),
+        dynamic_sampling=DynamicSampling(max_rounds=args.dynamic_rounds) if args.dynamic_rounds else None,
         ppo_epochs=2,  # the second epoch is off-policy: ratios and clipping are exercised
         learning_rate=5e-2,
         max_grad_norm=None,

@@ -30,6 +30,7 @@ from lightning.pytorch import Callback
 from lit_entropy.cli import main
 from lit_entropy.data import PromptDataModule
 from lit_entropy.demo import CountdownDataModule, build_tiny_causal_lm
+from lit_entropy.dynamic_sampling import DynamicSampling, draw_prompts
 from lit_entropy.errors import ConfigError, DataError, ModelLoadError
 from lit_entropy.loss import Loss
 from lit_entropy.model import LoRA, Policy, Quantization, load_policy
@@ -650,6 +651,27 @@ def _(ctx: Ctx) -> Expect:
 @case("sampling-top-p-above-one")
 def _(ctx: Ctx) -> Expect:
     return Expect(Sampling(top_p=1.5).validate, ConfigError, ["sampling.top_p", "(0, 1]", "got 1.5"])
+
+
+@case("dynamic-sampling-one-round")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        DynamicSampling(max_rounds=1).validate, ConfigError, ["dynamic_sampling.max_rounds", ">= 2", "got 1"]
+    )
+
+
+@case("dynamic-sampling-iterable-dataset")
+def _(ctx: Ctx) -> Expect:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"prompt": "1+1="}
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    return Expect(
+        lambda: draw_prompts(loader, 2, torch.Generator()),
+        ConfigError,
+        ["dynamic_sampling", "map-style", "Stream"],
+    )
 
 
 @case("sampling-top-k-zero")

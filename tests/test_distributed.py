@@ -50,7 +50,9 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def _fit(workdir: Path, name: str, strategy: str, *extra: str, steps: int = STEPS) -> dict:
+def _fit(
+    workdir: Path, name: str, strategy: str, *extra: str, steps: int = STEPS, scripted: bool = True
+) -> dict:
     out = workdir / name / "out.json"
     out.parent.mkdir(exist_ok=True)
     single = strategy == "single"
@@ -63,7 +65,7 @@ def _fit(workdir: Path, name: str, strategy: str, *extra: str, steps: int = STEP
         "--strategy", strategy,
         "--batch-size", str(RANKS * PER_RANK if single else PER_RANK),
         "--max-steps", str(steps),
-        "--scripted",
+        *(["--scripted"] if scripted else []),
         "--regularizers", *REGULARIZERS,
         *extra,
     ]  # fmt: skip
@@ -147,3 +149,26 @@ def test_fsdp2_sharded_checkpoint_resumes_and_continues(workdir, fsdp2):
         for a, b in zip(resumed["weights"][name], fsdp2["weights"][name])
     )
     assert worst < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_dynamic_sampling_keeps_the_ranks_in_step_when_one_rank_draws_more_rounds(workdir, strategy):
+    # Rank 0 reads the prompts with even i, which carry no signal, and must draw more; rank 1 reads the odd ones
+    # and has its groups at once, yet takes part in every round's count (and, sharded, in every generation).
+    # A rank leaving the loop early would hang the next collective. FSDP2 samples for real (sharded generate).
+    run = _fit(
+        workdir,
+        f"dynamic_{strategy}",
+        strategy,
+        "--dynamic-rounds", "8",
+        "--reward", "odd_prompt_digit_reward",
+        scripted=strategy == "ddp",
+    )  # fmt: skip
+    assert len(run["steps"]) == STEPS // 2
+    for step in run["steps"]:
+        assert step["rollout/frac_zero_std"] == 0.0  # over both ranks' kept groups
+        assert step["rollout/dynamic_short"] == 0.0
+        assert step["rollout/dynamic_rounds"] > 1
+        # rank 0 samples 4 prompts in each round; rank 1 its 4 once, or (sharded) 4 in each round as well
+        rank_1 = PER_RANK * (step["rollout/dynamic_rounds"] if strategy == "fsdp2" else 1)
+        assert step["rollout/dynamic_prompts"] == PER_RANK * step["rollout/dynamic_rounds"] + rank_1
