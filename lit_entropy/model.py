@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_entropy.checkpoint_state import trainable_by_name
+from lit_entropy.console import no_transformers_progress_bars
 from lit_entropy.errors import ConfigError, ModelLoadError, check_choice, one_line
 from lit_entropy.quantization import (
     DType,
@@ -253,6 +254,7 @@ def load_policy(
         ConfigError: Invalid settings, or quantization requested without bitsandbytes installed.
         ModelLoadError: Missing folders or files, or weights that cannot be loaded.
     """
+    embedded = policy.embedded is not None
     if policy.embedded is not None:
         from lit_entropy.demo.embedded import prepare_embedded_model
 
@@ -288,8 +290,11 @@ def load_policy(
         kwargs["quantization_config"] = bits_and_bytes_config(policy.quantization)
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device_map"] = {"": torch.device(device)}
+    # the embedded model is one small shard built in code: its "Loading weights" bar would be noise
+    quiet = no_transformers_progress_bars() if embedded else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"policy.path: could not load the model in '{policy.path}': {one_line(err)}"

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_entropy.cli import main
 from lit_entropy.console import no_transformers_progress_bars, quiet_console, quiet_lightning
 from lit_entropy.demo.embedded import EmbeddedModel, prepare_embedded_model
+from lit_entropy.model import Policy, load_policy
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +125,16 @@ def test_the_embedded_warm_up_prints_no_trainer_lines_and_no_shard_bar(tmp_path,
     ):
         assert line not in console
     assert "supervised warm-up of the embedded model (2 steps)" in caplog.text  # our own line stays
+
+
+def test_loading_the_embedded_policy_shows_no_weights_bar_and_a_model_folder_still_does(
+    tmp_path, tiny_model_dir, capfd
+):
+    embedded = EmbeddedModel(hidden_size=32, num_heads=2, warmup_steps=2, cache_dir=str(tmp_path))
+    prepare_embedded_model(embedded)  # the warm-up, before the load under test
+    capfd.readouterr()
+    load_policy(Policy(embedded=embedded))
+    assert "Loading weights" not in capfd.readouterr().err
+    # a real model's load can take minutes: transformers' bar stays
+    load_policy(Policy(path=str(tiny_model_dir)))
+    assert "Loading weights" in capfd.readouterr().err
