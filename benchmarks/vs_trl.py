@@ -354,7 +354,7 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
     _setup_worker(args)
     from lightning.pytorch import Callback, Trainer, seed_everything
 
-    from lit_entropy import GRPO, LoRA, Loss, Policy, Reward, Sampling
+    from lit_entropy import GRPO, LoRA, Loss, Policy, Quantization, Reward, Sampling
 
     seed_everything(args.seed, verbose=False)
     if args.no_share_prompts:  # the previous rollout: every repeated prompt prefilled on its own
@@ -391,13 +391,19 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_lit_") as folder:
         module = GRPO(
-            policy=Policy(path=args.folder, lora=LoRA(**_lora_options(args))),
+            policy=Policy(
+                path=args.folder,
+                dtype=args.dtype,
+                lora=LoRA(**_lora_options(args)),
+                quantization=Quantization(compute_dtype=args.dtype) if args.quantize else None,
+            ),
             rewards=[Reward(fn=REWARD_FN)],
             sampling=Sampling(
                 group_size=args.group,
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
+                engine=args.engine,
             ),
             loss=Loss(eps_low=0.2, eps_high=0.2),
             ppo_epochs=args.ppo_epochs,
@@ -510,9 +516,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             data_seed=args.seed,
             use_cpu=cpu,
-            bf16=False,
+            bf16=args.dtype == "bfloat16",
             fp16=False,
-            model_init_kwargs={"dtype": "float32"},
+            model_init_kwargs=_trl_model_kwargs(args),
+            # rollouts: transformers generate, or vLLM in the training process (as sampling.engine: vllm)
+            use_vllm=args.engine == "vllm",
+            vllm_mode="colocate",
+            vllm_gpu_memory_utilization=0.3,
+            vllm_enable_sleep_mode=args.engine == "vllm" and args.device == "cuda",
             gradient_checkpointing=False,
             # batching: one generation of N completions, E*N/m optimizer steps of m, micro-batches of n
             num_generations=args.group,
@@ -581,6 +592,16 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _trl_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's ``model_init_kwargs``: the dtype, and the 4-bit base of ``--quantize`` as ours loads it."""
+    kwargs: dict[str, Any] = {"dtype": args.dtype}
+    if args.quantize:
+        from lit_entropy.quantization import Quantization, bits_and_bytes_config
+
+        kwargs["quantization_config"] = bits_and_bytes_config(Quantization(compute_dtype=args.dtype))
+    return kwargs
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -610,6 +631,8 @@ def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]
         "seed",
         "lora_r",
         "lora_alpha",
+        "engine",
+        "dtype",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -619,6 +642,8 @@ def run_side(args: argparse.Namespace, side: str, folder: str) -> dict[str, Any]
         command.append("--sampler-logprobs")
     if args.no_share_prompts:
         command.append("--no-share-prompts")
+    if args.quantize:
+        command.append("--quantize")
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(args.threads)
@@ -668,7 +693,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     ours, trl = rows["lit_entropy"], rows["trl"]
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(
-        f"\nmodel {args.model_path or 'embedded'}; LoRA r={args.lora_r} alpha={args.lora_alpha} on "
+        f"\nmodel {args.model_path or 'embedded'}{' (4-bit nf4)' if args.quantize else ''}, {args.dtype}, rollouts "
+        f"{args.engine}; LoRA r={args.lora_r} alpha={args.lora_alpha} on "
         f"{' '.join(args.lora_targets)}; torch {_version('torch')}, transformers {_version('transformers')}, "
         f"peft {_version('peft')}, TRL {_version('trl')}, lightning {_version('lightning')}; "
         f"glibc malloc environment: {malloc or 'default'}"
@@ -804,6 +830,19 @@ def parse_args() -> argparse.Namespace:
         "--no-share-prompts",
         action="store_true",
         help="ours: prefill every repeated prompt (generate_rollout(share_prompts=False)), as TRL does",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="rollouts, both sides: transformers generate, or vLLM colocated (ours sampling.engine: vllm, TRL "
+        "use_vllm with vllm_mode colocate)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="policy dtype, both sides"
+    )
+    parser.add_argument(
+        "--quantize", action="store_true", help="a 4-bit nf4 base (QLoRA), both sides, compute in --dtype"
     )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

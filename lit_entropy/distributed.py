@@ -46,6 +46,15 @@ def sum_over_ranks(values: Tensor) -> Tensor:
     return total.to(values.dtype)
 
 
+def max_over_ranks(values: Tensor) -> Tensor:
+    """``values``' elementwise maximum over all ranks (a copy)."""
+    if world_size() == 1:
+        return values.clone()
+    total = values.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total
+
+
 def gather_objects(value: Any) -> list[Any]:
     """``[value of rank 0, value of rank 1, ...]`` (picklable values; ``[value]`` in a single process)."""
     if world_size() == 1:

@@ -38,6 +38,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "sequence_log_ratio",
+    "truncated_importance_weights",
 ]
 
 # Bound on |ref - lp| inside the k3 estimator: exp(20) ~ 4.9e8 is still finite in fp32 (and bf16), while a
@@ -270,6 +271,24 @@ def clipped_surrogate(
     clipped_high = (adv > 0) & (ratio > 1.0 + eps_high)  # [N, T]
     clipped_low = (adv < 0) & (ratio < 1.0 - eps_low)  # [N, T]
     return loss, clipped_low, clipped_high
+
+
+def truncated_importance_weights(
+    old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, cap: float
+) -> Tensor:
+    """Truncated importance-sampling weights ``min(exp(old - sampler), cap)`` of the sampled tokens ``[n, T]``.
+
+    Corrects for a sampler that is not exactly the policy the ratio's old log-probs come from (a vLLM engine,
+    other kernels or precision): the tokens were drawn from ``pi_sampler``, the objective is defined under
+    ``pi_old``, so each token's loss is weighted by ``pi_old / pi_sampler``, truncated at ``cap`` to bound the
+    variance (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; TRL's
+    ``vllm_importance_sampling_cap``, verl's ``tis_imp_ratio_cap``). 1 where ``mask`` is False.
+    """
+    _check_same_shape(old_logprobs=old_logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
+    if not cap > 0:
+        raise ConfigError(f"cap must be > 0, got {cap}")
+    weights = torch.exp(old_logprobs.detach() - sampler_logprobs.detach()).clamp(max=cap)
+    return torch.where(mask.bool(), weights, torch.ones_like(weights))
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k3") -> Tensor:

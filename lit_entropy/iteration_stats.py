@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_entropy.distributed import sum_over_ranks, world_size
+from lit_entropy.distributed import max_over_ranks, sum_over_ranks, world_size
 from lit_entropy.functional import equal_reward_groups
 
 
@@ -151,6 +151,25 @@ def iteration_stats(
     return stats
 
 
+def sampler_logprob_diff(
+    trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor
+) -> dict[str, float]:
+    """``rollout/sampler_logprob_diff_mean`` and ``_max``: ``|trainer - sampler|`` over the kept tokens of all ranks.
+
+    How far the rollout engine's log-probs of the sampled tokens are from the trainer's own forward pass over the
+    same weights (nats); 0 for an exact sampler. A large value means the ratio's old log-probs and the sampling
+    distribution disagree (see ``loss.sampler_correction_cap``).
+    """
+    diff = (trainer_logprobs.detach().float() - sampler_logprobs.to(trainer_logprobs.device).float()).abs()
+    diff = torch.where(mask, diff, torch.zeros_like(diff))
+    total = sum_over_ranks(torch.stack([diff.sum().double(), mask.sum().double()]))
+    largest = max_over_ranks(diff.max().reshape(1) if diff.numel() else diff.new_zeros(1))
+    return {
+        "rollout/sampler_logprob_diff_mean": float(total[0] / total[1].clamp(min=1)),
+        "rollout/sampler_logprob_diff_max": float(largest[0]),
+    }
+
+
 def _sum_over_ranks(values: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Sum every named scalar over all ranks in one all-reduce (float64, so counts stay exact)."""
     packed = torch.stack(
@@ -159,4 +178,4 @@ def _sum_over_ranks(values: dict[str, Any], device: torch.device) -> dict[str, f
     return dict(zip(values, sum_over_ranks(packed).tolist(), strict=True))
 
 
-__all__ = ["IterationSums", "iteration_stats"]
+__all__ = ["IterationSums", "iteration_stats", "sampler_logprob_diff"]

@@ -50,6 +50,11 @@ class Loss:
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` without EOS out of the loss
             (as TRL's option of this name; DAPO's overlong filtering). They still count in their group's
             reward statistics and advantages.
+        sampler_correction_cap: truncated importance sampling for a sampler that is not exactly the trained policy
+            (``sampling.engine: vllm``): each token's surrogate is weighted by ``min(exp(old - sampler), cap)``,
+            ``old`` the trainer's log-prob of the rollout policy, ``sampler`` the engine's (TRL's
+            ``vllm_importance_sampling_cap``, verl's ``tis_imp_ratio_cap``; 2 to 3 there). None: off, the default,
+            since with an exact sampler the weights are 1.
     """
 
     advantage: AdvantageMode = "grpo"
@@ -62,6 +67,7 @@ class Loss:
     aggregation: LossAggregation = "token-mean"
     importance_sampling_level: ImportanceLevel = "token"
     mask_truncated_completions: bool = False
+    sampler_correction_cap: float | None = None
 
     def validate(self) -> None:
         """Check every option; the CLI checks the ``Literal`` choices while parsing, this also covers a `Loss`
@@ -86,6 +92,14 @@ class Loss:
             raise ConfigError(f"loss.dual_clip must be > 1 (or null), got {self.dual_clip}")
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.sampler_correction_cap is not None and not (
+            isinstance(self.sampler_correction_cap, (int, float))
+            and not isinstance(self.sampler_correction_cap, bool)
+            and self.sampler_correction_cap >= 1
+        ):
+            raise ConfigError(
+                f"loss.sampler_correction_cap must be a number >= 1 or null, got {self.sampler_correction_cap!r}"
+            )
         if not isinstance(self.mask_truncated_completions, bool):
             raise ConfigError(
                 f"loss.mask_truncated_completions must be true or false, got {self.mask_truncated_completions!r}"
@@ -109,9 +123,10 @@ def microbatch_loss(
 ) -> MicrobatchLoss:
     """Loss of one micro-batch, normalised by the whole mini-batch (summing over micro-batches gives its loss).
 
-    Per token: ``w * surrogate(A', eps_low', eps_high') + penalties + kl_coef * KL`` (the surrogate's ratio is
+    Per token: ``w * c * surrogate(A', eps_low', eps_high') + penalties + kl_coef * KL`` (the surrogate's ratio is
     the token's, or its sequence's with ``importance_sampling_level="sequence"``), where ``A'`` and the clip
-    range may be overridden by one regularizer each, ``w`` is the product of the regularizers' weights and
+    range may be overridden by one regularizer each, ``c`` the truncated importance weight of a sampler correction
+    (1 without one), ``w`` is the product of the regularizers' weights and
     ``penalties`` their sum; then aggregated by ``loss.aggregation``, plus the regularizers' scalar terms.
     """
     combined = combine(regularizers, view)
@@ -126,6 +141,8 @@ def microbatch_loss(
         eps_high=combined.eps_high,
         dual_clip=loss.dual_clip,
     )  # [n, T]
+    if view.sampler_weights is not None:  # truncated importance sampling (loss.sampler_correction_cap)
+        surrogate = surrogate * view.sampler_weights
     token_loss = surrogate if combined.token_weights is None else surrogate * combined.token_weights
     if combined.token_penalties is not None:
         token_loss = token_loss + combined.token_penalties

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError
+from lit_entropy.functional import truncated_importance_weights
 from lit_entropy.regularizer import MinibatchView
 
 
@@ -117,12 +118,17 @@ class RolloutTensors:
         old_logprobs: log-probs under the sampling policy, or None when training is fully on-policy (the
             current log-probs, detached, are then the old ones).
         ref_logprobs: log-probs under the reference, or None without a KL term.
+        sampler_logprobs: the rollout engine's log-probs of the sampled tokens, for the truncated
+            importance-sampling correction, or None without one.
+        sampler_correction_cap: that correction's cap.
     """
 
     mask: Tensor
     advantages: Tensor
     old_logprobs: Tensor | None
     ref_logprobs: Tensor | None
+    sampler_logprobs: Tensor | None = None
+    sampler_correction_cap: float | None = None
 
     def view(
         self,
@@ -164,6 +170,10 @@ class RolloutTensors:
                 "minibatch_advantages": self.advantages[minibatch_rows],
                 "minibatch_mask": self.mask[minibatch_rows],
             }
+        if self.sampler_logprobs is not None and self.sampler_correction_cap is not None:
+            fields["sampler_weights"] = truncated_importance_weights(
+                old, self.sampler_logprobs[rows], self.mask[rows], self.sampler_correction_cap
+            )
         return MinibatchView(
             logprobs=logprobs,
             old_logprobs=old,

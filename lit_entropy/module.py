@@ -38,7 +38,7 @@ from lit_entropy.checkpoint_state import (
     restore_payload,
     trainable_state,
 )
-from lit_entropy.distributed import shard_for_strategy, sum_over_ranks, world_size
+from lit_entropy.distributed import rank, shard_for_strategy, sum_over_ranks, world_size
 from lit_entropy.dynamic_sampling import (
     DynamicSampling,
     DynamicSamplingStats,
@@ -50,7 +50,7 @@ from lit_entropy.eval_metrics import StageMetrics
 from lit_entropy.fit_summary import FitSummary
 from lit_entropy.functional import group_advantages
 from lit_entropy.head import completion_logprobs_and_entropy, fused_head_parts
-from lit_entropy.iteration_stats import IterationSums, iteration_stats
+from lit_entropy.iteration_stats import IterationSums, iteration_stats, sampler_logprob_diff
 from lit_entropy.loss import Loss, microbatch_loss
 from lit_entropy.metrics_history import MetricsHistory
 from lit_entropy.minibatch import BatchSplit, RolloutTensors
@@ -66,10 +66,13 @@ from lit_entropy.reward_scorer import RewardResult, RewardScorer
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
+from lit_entropy.vllm_options import VLLMOptions
 
 # The checkpoint's hyper_parameters hold these dataclasses; Lightning resumes with torch.load(weights_only=True),
 # which refuses classes that are not allow-listed, so `fit(ckpt_path=...)` would fail without this.
-torch.serialization.add_safe_globals([Policy, LoRA, Quantization, Sampling, Loss, Reward, DynamicSampling])
+torch.serialization.add_safe_globals(
+    [Policy, LoRA, Quantization, Sampling, VLLMOptions, Loss, Reward, DynamicSampling]
+)
 
 
 class GRPO(LightningModule):
@@ -183,6 +186,9 @@ class GRPO(LightningModule):
         self.tokenizer: Any = None
         self._regularizers: list[Regularizer] = []
         self._shuffle = torch.Generator().manual_seed(seed)
+        self._engine: Any = None  # the VLLMEngine of sampling.engine "vllm", built at the first rollout
+        # counts changes of the trainable weights (updates, a checkpoint loaded): the engine serves one version
+        self._weights_version = 0
         self._summary = FitSummary()  # (reward, entropy) per RL iteration of this fit, logged at its end
 
     def _validate(self) -> None:
@@ -212,6 +218,11 @@ class GRPO(LightningModule):
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy (FSDP2)
         self._sharded = mesh is not None
         if self._sharded:
+            if self.sampling.engine == "vllm":
+                raise ConfigError(
+                    "sampling.engine: vllm runs one engine per rank with the whole policy: use it with one "
+                    "process or DDP (strategy: ddp), not FSDP2"
+                )
             shard_for_strategy(self.policy, mesh, self.trainer.strategy, self.policy_config.dtype)
         self._lm_parts = fused_head_parts(self.policy) if self.fused_head else None
         self.policy.train()  # from_pretrained returns eval mode; generation switches to eval explicitly
@@ -319,6 +330,8 @@ class GRPO(LightningModule):
             render_prompt(example["prompt"], self.tokenizer, self.chat_template, self.system_prompt)
             for example in examples
         ]
+        if self.sampling.engine == "vllm":
+            return self._engine_rollout(prompts, examples, greedy, num_samples)
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -331,11 +344,51 @@ class GRPO(LightningModule):
                 self.device,
                 greedy,
                 num_samples,
-                record_logprobs=self.sampler_logprobs and not greedy,
+                record_logprobs=(self.sampler_logprobs or self.loss_config.sampler_correction_cap is not None)
+                and not greedy,
                 synced_gpus=self._sharded and world_size() > 1,
             )
         finally:
             self.policy.train(was_training)
+
+    def _engine_rollout(
+        self, prompts: list[str], examples: Sequence[Mapping[str, Any]], greedy: bool, num_samples: int | None
+    ) -> Rollout:
+        """The rollout sampled by the vLLM engine, which first gets the policy's weights if they changed."""
+        from lit_entropy.vllm_engine import VLLMEngine, vllm_rollout
+
+        if self._engine is None:
+            quantization = self.policy_config.quantization
+            self._engine = VLLMEngine(
+                self.policy,
+                self.sampling,
+                self.sampling.vllm,
+                dtype=quantization.compute_dtype if quantization is not None else self.policy_config.dtype,
+                device=self.device,
+                seed=self.seed + rank(),
+                distributed=world_size() > 1,
+            )
+        # one seed per call from torch's generator, as generate's sampling draws from it (seeded, checkpointed)
+        seed = int(torch.randint(0, 2**30, ()).item())
+        return vllm_rollout(
+            self._engine,
+            self.policy,
+            self._weights_version,
+            self.tokenizer,
+            prompts,
+            examples,
+            self.sampling,
+            self.device,
+            greedy=greedy,
+            num_samples=num_samples,
+            seed=seed,
+        )
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if self._engine is not None:  # its memory (KV cache, served weights) goes back to the trainer
+            self._engine.close()
+            self._engine = None
 
     @override
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> IterationOutputs:
@@ -357,6 +410,8 @@ class GRPO(LightningModule):
             mask=loss_mask,
             advantages=advantages[:, None].expand_as(mask).float(),
             old_logprobs=self._old_logprobs(rollout, split),
+            sampler_logprobs=rollout.sampler_logprobs,
+            sampler_correction_cap=self.loss_config.sampler_correction_cap,
             ref_logprobs=(
                 self._logprobs_no_grad(rollout, split.microbatch, reference=True)[0]
                 if self.loss_config.kl_coef > 0
@@ -379,6 +434,9 @@ class GRPO(LightningModule):
         self.train_reward(rewards)
         elapsed = time.perf_counter() - started
         stats = iteration_stats(rewards, group, mask, rollout.truncated, scores, sums, split.updates, elapsed)
+        trainer_logprobs = self._trainer_old_logprobs(rollout, tensors, split, first_epoch_logprobs)
+        if trainer_logprobs is not None:
+            stats.update(sampler_logprob_diff(trainer_logprobs, rollout.sampler_logprobs, mask))
         if dynamic is not None:
             stats.update(dynamic.metrics(self.device))
         metrics = self._log_iteration(stats, prompts=rollout.num_sequences // group)
@@ -424,6 +482,19 @@ class GRPO(LightningModule):
         if "batched" in self.reward_scorer.forms:  # the [N, T] ids copied to Python lists only when used
             ids = completion_token_ids(rollout.completion_ids, rollout.completion_mask)
         return self.reward_scorer(rollout.completions, rollout.examples, completion_ids=ids)
+
+    def _trainer_old_logprobs(
+        self, rollout: Rollout, tensors: RolloutTensors, split: BatchSplit, first_epoch_logprobs: Tensor
+    ) -> Tensor | None:
+        """The trainer's ``[N, T]`` log-probs of the rollout policy, to compare the sampler's with; None when the
+        rollout has no sampler log-probs or they are the old log-probs themselves (``sampler_logprobs``)."""
+        if rollout.sampler_logprobs is None:
+            return None
+        if split.on_policy:  # the one update's forward ran on the policy that sampled
+            return first_epoch_logprobs
+        if self.sampler_logprobs:
+            return None
+        return tensors.old_logprobs
 
     def _old_logprobs(self, rollout: Rollout, split: BatchSplit) -> Tensor | None:
         """``[N, T]`` log-probs under the sampling policy; None when fully on-policy (the current ones are)."""
@@ -487,6 +558,7 @@ class GRPO(LightningModule):
             seen_entropy.append(entropy.detach())
         empty = int(num_tokens) == 0  # no kept token on any rank: the update is skipped
         grad_norm = optimizer_step(self, sums, update_loss, empty, self._nonfinite, self.max_grad_norm)
+        self._weights_version += 1  # the rollout engine serves the weights of a given version
         sums.add_update(update_loss, grad_norm)
         return torch.cat(seen_logprobs), torch.cat(seen_entropy)
 
@@ -544,6 +616,7 @@ class GRPO(LightningModule):
         if "state_dict" in checkpoint:  # a sharded (FSDP2) checkpoint's tensors were already loaded
             check_trainable_present(checkpoint["state_dict"], self)
         self._nonfinite.in_a_row = restore_payload(checkpoint.get(PAYLOAD_KEY, {}), self._shuffle)
+        self._weights_version += 1  # the loaded adapters are new to the rollout engine
 
     @override
     def on_fit_end(self) -> None:

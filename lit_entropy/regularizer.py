@@ -60,6 +60,8 @@ class MinibatchView:
         minibatch_old_logprobs: ``[m, T]`` old log-probs of the whole mini-batch (same condition).
         minibatch_advantages: ``[m, T]`` advantages of the whole mini-batch.
         minibatch_mask: ``[m, T]`` keep-mask of the whole mini-batch.
+        sampler_weights: ``[n, T]`` truncated importance weights of the sampler correction
+            (``loss.sampler_correction_cap``), or None without one.
     """
 
     logprobs: Tensor
@@ -81,6 +83,7 @@ class MinibatchView:
     minibatch_old_logprobs: Tensor | None = None
     minibatch_advantages: Tensor | None = None
     minibatch_mask: Tensor | None = None
+    sampler_weights: Tensor | None = None
 
     def token_mean(self, values: Tensor) -> Tensor:
         """``sum(values * mask) / num_tokens``: summed over the micro-batches, the exact mini-batch token mean."""

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
-from lit_entropy.errors import ConfigError
+from lit_entropy.errors import ConfigError, check_choice
 from lit_entropy.model import causal_lm_parts
+from lit_entropy.vllm_options import VLLMOptions
+
+#: What samples the rollouts: transformers' ``generate`` on the policy, or a colocated vLLM engine.
+RolloutEngine = Literal["hf", "vllm"]
 
 
 @dataclass
@@ -31,6 +35,10 @@ class Sampling:
         top_p: nucleus sampling mass (1.0 = off).
         top_k: keep the k most likely tokens (None = off).
         max_prompt_length: prompts longer than this many tokens are an error (None = no limit).
+        engine: what samples: ``hf`` (transformers' ``generate`` on the policy itself) or ``vllm`` (a vLLM
+            engine in the training process, given the policy's weights after every update;
+            `lit_entropy.vllm_engine`). Every option above applies to both.
+        vllm: the vLLM engine's options (`VLLMOptions`), used with ``engine: vllm``.
     """
 
     group_size: int = 8
@@ -39,6 +47,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int | None = None
     max_prompt_length: int | None = None
+    engine: RolloutEngine = "hf"
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -52,6 +62,8 @@ class Sampling:
             raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"sampling.top_k must be >= 1 or null, got {self.top_k}")
+        check_choice("sampling.engine", self.engine, RolloutEngine)
+        self.vllm.validate()
 
 
 @dataclass
@@ -313,6 +325,29 @@ def shared_prompt_cache(
     return name, cache
 
 
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], sampling: Sampling, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(ids [B, P], mask [B, P] bool)`` of the rendered prompts, left-padded, no special tokens added.
+
+    Raises:
+        ConfigError: a prompt is longer than ``sampling.max_prompt_length`` (naming the prompt).
+    """
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = encoded["input_ids"].to(device)
+    prompt_mask = encoded["attention_mask"].to(device).bool()
+    if sampling.max_prompt_length is not None:
+        lengths = prompt_mask.sum(-1)
+        too_long = (lengths > sampling.max_prompt_length).nonzero()
+        if too_long.numel():
+            row = int(too_long[0])
+            raise ConfigError(
+                f"prompt {row} has {int(lengths[row])} tokens, more than sampling.max_prompt_length="
+                f"{sampling.max_prompt_length}: {prompts[row][:80]!r}"
+            )
+    return prompt_ids, prompt_mask
+
+
 @torch.no_grad()
 def generate_rollout(
     model: torch.nn.Module,
@@ -353,18 +388,7 @@ def generate_rollout(
         The rollout, ``N = B * num_samples`` rows, group-contiguous.
     """
     per_prompt = num_samples or sampling.group_size
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids = encoded["input_ids"].to(device)
-    prompt_mask = encoded["attention_mask"].to(device).bool()
-    if sampling.max_prompt_length is not None:
-        lengths = prompt_mask.sum(-1)
-        too_long = (lengths > sampling.max_prompt_length).nonzero()
-        if too_long.numel():
-            row = int(too_long[0])
-            raise ConfigError(
-                f"prompt {row} has {int(lengths[row])} tokens, more than sampling.max_prompt_length="
-                f"{sampling.max_prompt_length}: {prompts[row][:80]!r}"
-            )
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, sampling, device)
     shared = shared_prompt_cache(model, prompt_ids, prompt_mask, per_prompt) if share_prompts else None
     # group-contiguous layout: each prompt repeated G times in a row
     prompt_ids = prompt_ids.repeat_interleave(per_prompt, dim=0)  # [N, P]

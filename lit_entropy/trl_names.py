@@ -36,6 +36,13 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
         "prompts per RL iteration; TRL counts completions: batch_size = completions / sampling.group_size",
     ),
     "temperature": ("model.init_args.sampling.temperature", ""),
+    "use_vllm": ("model.init_args.sampling.engine", "set it to vllm; the engine is always colocated"),
+    "vllm_gpu_memory_utilization": ("model.init_args.sampling.vllm.gpu_memory_utilization", ""),
+    "vllm_enable_sleep_mode": ("model.init_args.sampling.vllm.sleep", ""),
+    "vllm_importance_sampling_cap": (
+        "model.init_args.loss.sampler_correction_cap",
+        "off unless set (TRL turns it on with vLLM); vllm_importance_sampling_correction has no separate switch",
+    ),
 }
 
 # The option names in jsonargparse's reports of an option it does not know.

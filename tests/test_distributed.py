@@ -10,6 +10,7 @@ global mini-batch would change the trained weights and these comparisons would f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,10 @@ def workdir(tmp_path_factory) -> Path:
     model = build_tiny_causal_lm(vocab_size=len(tokenizer), hidden_size=32, num_heads=4, seed=0)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
+    # head size 32: the attention kernels of vLLM's CPU build have none for 8
+    model = build_tiny_causal_lm(vocab_size=len(tokenizer), hidden_size=64, num_heads=2, seed=0)
+    model.save_pretrained(root / "model_vllm")
+    tokenizer.save_pretrained(root / "model_vllm")
     prompts = [f"{i}+{2 * i}=" for i in range(RANKS * PER_RANK * 2)]
     (root / "ranks.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     # DistributedSampler (no shuffle) gives rank r rows r, r+2, r+4, ...; batch j of the single process is the
@@ -51,7 +56,13 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _fit(
-    workdir: Path, name: str, strategy: str, *extra: str, steps: int = STEPS, scripted: bool = True
+    workdir: Path,
+    name: str,
+    strategy: str,
+    *extra: str,
+    steps: int = STEPS,
+    scripted: bool = True,
+    model: str = "model",
 ) -> dict:
     out = workdir / name / "out.json"
     out.parent.mkdir(exist_ok=True)
@@ -59,7 +70,7 @@ def _fit(
     command = [
         sys.executable,
         str(WORKER),
-        "--model", str(workdir / "model"),
+        "--model", str(workdir / model),
         "--prompts", str(workdir / ("single.jsonl" if single else "ranks.jsonl")),
         "--out", str(out),
         "--strategy", strategy,
@@ -172,3 +183,14 @@ def test_dynamic_sampling_keeps_the_ranks_in_step_when_one_rank_draws_more_round
         # rank 0 samples 4 prompts in each round; rank 1 its 4 once, or (sharded) 4 in each round as well
         rank_1 = PER_RANK * (step["rollout/dynamic_rounds"] if strategy == "fsdp2" else 1)
         assert step["rollout/dynamic_prompts"] == PER_RANK * step["rollout/dynamic_rounds"] + rank_1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_engine_under_ddp_samples_each_ranks_prompts_from_the_updated_adapters(workdir):
+    # one engine per rank (its own, outside the trainer's process group), given the adapters after every update:
+    # the engine's log-probs equal the trainer's on both ranks in both iterations (the second after 2 updates)
+    run = _fit(workdir, "vllm_ddp", "ddp", "--engine", "vllm", scripted=False, model="model_vllm")
+    assert len(run["steps"]) == STEPS // 2
+    for step in run["steps"]:
+        assert step["rollout/sampler_logprob_diff_max"] < 1e-4  # the largest over both ranks
+        assert step["rollout/completion_length"] > 0
