@@ -4,7 +4,11 @@ RL iterations, on SmolLM2-135M-Instruct (CPU).
 1. Rollouts: the same ``B`` prompts, ``G`` completions each, up to ``--new-tokens`` tokens, fp32, T = 1, sampled
    by `generate_rollout` (the HF path, shared-prompt prefill) and by `vllm_rollout` in alternation, ``--rounds``
    times after one warm-up call each. Prints sampled tokens per second of each and the ratio.
-2. RL iterations: `GRPO` fits of ``--iterations`` iterations of the recipe recipes/cpu/smollm2-arithmetic.yaml's
+2. Mismatch: the engine's log-probs of its sampled tokens against the trainer's forward pass over the same
+   weights (``rollout/sampler_logprob_diff``), for an fp32 base and a 4-bit nf4 base (fp32 and bf16 compute;
+   the engine serves the dequantized base + merged adapters in the compute dtype), after one random update of
+   the adapters.
+3. RL iterations: `GRPO` fits of ``--iterations`` iterations of the recipe recipes/cpu/smollm2-arithmetic.yaml's
    shape (8 prompts x 8, LoRA r=16, 16 new tokens, one update per rollout), ``sampling.engine`` hf and vllm,
    the first iteration of each dropped. Prints the median seconds per iteration and the ratio.
 
@@ -30,7 +34,8 @@ import torch  # noqa: E402
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 from timing import IterationTimer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from lit_entropy import GRPO, ArithmeticDataModule, LoRA, Policy, Reward, Sampling  # noqa: E402
+from lit_entropy import GRPO, ArithmeticDataModule, LoRA, Policy, Quantization, Reward, Sampling  # noqa: E402
+from lit_entropy.head import completion_logprobs_and_entropy, fused_head_parts  # noqa: E402
 from lit_entropy.model import load_policy  # noqa: E402
 from lit_entropy.prompts import render_prompt  # noqa: E402
 from lit_entropy.rollout import generate_rollout  # noqa: E402
@@ -80,6 +85,41 @@ def rollouts(args: argparse.Namespace) -> None:
     print(f"| vllm (colocated, CPU build) | {vllm_rate:.0f} | {vllm_rate / hf_rate:.2f} |")
 
 
+def mismatch(args: argparse.Namespace) -> None:
+    cpu = torch.device("cpu")
+    sampling = Sampling(group_size=8, max_new_tokens=32, temperature=1.0)
+    print("mismatch: |engine - trainer| log-prob of the sampled tokens, 8 prompts x 8, 32 new tokens, T = 1")
+    print("| base | engine serves | mean | max |")
+    print("|---|---|---|---|")
+    for label, quantization, dtype in (
+        ("fp32", None, "float32"),
+        ("4-bit nf4, fp32 compute", Quantization(compute_dtype="float32"), "float32"),
+        ("4-bit nf4, bf16 compute", Quantization(compute_dtype="bfloat16"), "bfloat16"),
+    ):
+        policy, tokenizer = load_policy(
+            Policy(path=args.model, lora=LoRA(r=16, alpha=32), quantization=quantization)
+        )
+        policy.eval()
+        with torch.no_grad():  # one "update": adapters that change the outputs
+            generator = torch.Generator().manual_seed(0)
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        questions = [f"What is {a} + {a + 3}? Answer with a number." for a in range(8)]
+        prompts = [render_prompt(question, tokenizer, None, None) for question in questions]
+        engine = VLLMEngine(policy, sampling, VLLMOptions(), dtype, cpu, seed=0)
+        rollout = vllm_rollout(engine, policy, 1, tokenizer, prompts, [{}] * 8, sampling, cpu, seed=1)
+        engine.close()
+        batch = rollout.select(torch.arange(rollout.num_sequences))
+        with torch.no_grad():
+            logprobs, _ = completion_logprobs_and_entropy(
+                policy, fused_head_parts(policy), batch, sampling.temperature, None
+            )
+        diff = (batch.pad_to_rollout(logprobs) - rollout.sampler_logprobs).abs()[rollout.completion_mask]
+        print(f"| {label} | {dtype} weights, dequantized + merged | {diff.mean():.2e} | {diff.max():.2e} |")
+        del policy
+
+
 def iterations(args: argparse.Namespace, engine: str, folder: str) -> list[float]:
     seed_everything(0, verbose=False)
     module = GRPO(
@@ -124,10 +164,19 @@ def main() -> None:
     parser.add_argument(
         "--iterations", type=int, default=4, help="RL iterations per fit (the first is dropped)"
     )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["rollouts", "mismatch", "iterations"],
+        choices=["rollouts", "mismatch", "iterations"],
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rollouts(args)
-    if args.iterations > 1:
+    if "rollouts" in args.parts:
+        rollouts(args)
+    if "mismatch" in args.parts:
+        mismatch(args)
+    if "iterations" in args.parts and args.iterations > 1:
         seconds = {}
         with tempfile.TemporaryDirectory(prefix="vllm_engine_") as folder:
             for engine in ("hf", "vllm"):
