@@ -55,6 +55,10 @@ def require_vllm() -> Any:
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR":
+        # logged at import, before vLLM's logging is configured: "Triton is installed, but doesn't include CPU
+        # backend" (the CPU build runs without it)
+        logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # vLLM's own use of deprecated torch names
@@ -159,28 +163,36 @@ class VLLMEngine:
         # bound to cores) and would leave the trainer at its serving thread count: both are put back after
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
-            self.llm = vllm.LLM(
-                model=self._folder,
-                skip_tokenizer_init=True,  # prompts go in as token ids, completions come back as token ids
-                load_format="dummy",
-                dtype=self.dtype,
-                seed=seed,
-                max_model_len=self.max_model_len,
-                **memory,
-                enforce_eager=not self.on_gpu if options.enforce_eager is None else options.enforce_eager,
-                # the log-prob of each sampled token under the distribution it was drawn from (temperature applied)
-                logprobs_mode="processed_logprobs",
-                generation_config="vllm",  # no sampling defaults from a generation_config.json
-                enable_sleep_mode=self.sleep_enabled,
-                disable_log_stats=True,
-                **kwargs,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # vLLM's own use of deprecated torch names
+                self.llm = self._build(vllm, kwargs, memory, seed, options)
         except BaseException:
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
+
+    def _build(
+        self, vllm: Any, kwargs: dict[str, Any], memory: dict[str, Any], seed: int, options: VLLMOptions
+    ) -> Any:
+        """vLLM's ``LLM`` from the config folder: token ids in and out, nothing read but the config."""
+        return vllm.LLM(
+            model=self._folder,
+            skip_tokenizer_init=True,  # prompts go in as token ids, completions come back as token ids
+            load_format="dummy",
+            dtype=self.dtype,
+            seed=seed,
+            max_model_len=self.max_model_len,
+            **memory,
+            enforce_eager=not self.on_gpu if options.enforce_eager is None else options.enforce_eager,
+            # the log-prob of each sampled token under the distribution it was drawn from (temperature applied)
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # no sampling defaults from a generation_config.json
+            enable_sleep_mode=self.sleep_enabled,
+            disable_log_stats=True,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ weights
 
