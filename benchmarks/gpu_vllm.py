@@ -124,7 +124,13 @@ def run(path: str, engine: str, args: argparse.Namespace) -> str:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        return f"{engine}: failed after {seconds:.0f} s (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}"
+        # the sides that finished before the failure report a "round ..." line each; then the failure's tail
+        finished = [line for line in done.stderr.splitlines() if line.startswith("round ")]
+        failed = [line for line in done.stderr.splitlines() if "worker failed" in line]
+        tail = (done.stdout + done.stderr)[-1500:]
+        return f"{engine}: failed after {seconds:.0f} s (exit {done.returncode}):\n" + "\n".join(
+            [*finished, *failed, tail]
+        )
     return f"{engine} ({seconds:.0f} s):\n{done.stdout.strip()}"
 
 

@@ -421,7 +421,9 @@ def run_lit_entropy(args: argparse.Namespace) -> dict[str, Any]:
         _wrap_phase(probe, module, "_logprobs_no_grad", "old log-probs")
         _wrap_phase(probe, module, "sequence_logprobs", _grad_phase("train forward"))
         _wrap_phase(probe, module, "manual_backward", "backward")
-        _wrap_phase(probe, module, "_step", "optimizer")
+        import lit_entropy.module  # the optimizer step is a function the module calls at the end of each update
+
+        _wrap_phase(probe, lit_entropy.module, "optimizer_step", "optimizer")
         # RewardScorer is called through __call__ (looked up on the type): wrap the object instead
         module.reward_scorer = _PhasedCall(module.reward_scorer, probe, "rewards")
         trainer = Trainer(
