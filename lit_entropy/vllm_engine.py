@@ -104,6 +104,8 @@ class VLLMEngine:
         dtype: the trainer's compute dtype (the default of ``options.dtype``).
         device: the trainer's device (``cuda:k`` puts the engine on GPU k).
         seed: the engine's seed (each rank's own).
+        distributed: the trainer runs several processes (DDP): each gets an engine of its own, inside the
+            trainer's process group (vLLM's ``external_launcher``).
     """
 
     def __init__(
