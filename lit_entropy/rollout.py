@@ -82,7 +82,8 @@ class Rollout:
         sampler_logprobs: ``[N, T]`` fp32 log-prob of each completion token recorded during generation,
             ``log_softmax(logits.float() / temperature)[token]`` over the full vocabulary (before top-k/top-p
             truncation), 0 where ``completion_mask`` is False; None unless generated with
-            ``record_logprobs=True``.
+            ``record_logprobs=True``. From the vLLM engine (`lit_entropy.vllm_engine.vllm_rollout`): the
+            engine's log-prob of each token under the distribution it sampled from (top-k/top-p applied).
     """
 
     prompt_ids: Tensor
