@@ -119,7 +119,6 @@ class VLLMEngine:
         distributed: bool = False,
     ) -> None:
         vllm = require_vllm()
-        self.options = options
         self.on_gpu = torch.device(device).type == "cuda"
         self.dtype = options.dtype or dtype
         config = _base_config(policy)
@@ -331,36 +330,24 @@ def vllm_rollout(
     width = max(1, max(len(ids) for ids, _ in flat))
     pad = tokenizer.pad_token_id
     completion_ids = torch.full((len(flat), width), pad, dtype=torch.long)
-    logprobs = torch.zeros((len(flat), width), dtype=torch.float32)
+    logprobs = torch.zeros((len(flat), width), dtype=torch.float32)  # 0 past each completion's end
     for row, (ids, values) in enumerate(flat):
         completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         if values:
             logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    mask = torch.zeros((len(flat), width), dtype=torch.bool)
-    truncated = torch.zeros(len(flat), dtype=torch.bool)
-    for row, (ids, _) in enumerate(flat):
-        # the engine stops at the first EOS and includes it; a completion without one stopped at the length limit
-        mask[row, : len(ids)] = True
-        truncated[row] = eos not in ids
-    completion_ids, completion_mask, truncated = (
-        completion_ids.to(device),
-        mask.to(device),
-        truncated.to(device),
-    )
-    sampler_logprobs = None
-    if not greedy:
-        sampler_logprobs = torch.where(completion_mask, logprobs.to(device), torch.zeros((), device=device))
-    texts = tokenizer.batch_decode(
-        completion_ids.masked_fill(~completion_mask, pad), skip_special_tokens=True
-    )
+    # the engine stops at the first EOS and includes it; a completion without one stopped at the length limit
+    lengths = torch.tensor([len(ids) for ids, _ in flat])
+    completion_mask = torch.arange(width)[None, :] < lengths[:, None]
+    truncated = torch.tensor([eos not in ids for ids, _ in flat])
+    texts = tokenizer.batch_decode([ids for ids, _ in flat], skip_special_tokens=True)
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(per_prompt, dim=0),
         prompt_mask=prompt_mask.repeat_interleave(per_prompt, dim=0),
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        truncated=truncated,
+        completion_ids=completion_ids.to(device),
+        completion_mask=completion_mask.to(device),
+        truncated=truncated.to(device),
         completions=texts,
         examples=[example for example in examples for _ in range(per_prompt)],
         group_size=per_prompt,
-        sampler_logprobs=sampler_logprobs,
+        sampler_logprobs=None if greedy else logprobs.to(device),
     )
