@@ -3,7 +3,8 @@
 For each prompt the policy answers once greedily (``<stage>/accuracy``: the first reward function's value) and,
 when ``num_samples > 0``, samples ``num_samples`` completions: ``<stage>/reward`` (their mean total reward),
 ``<stage>/pass@k`` (the unbiased estimator over those samples; a sample is correct when the first reward
-function gives it >= 1.0) and ``<stage>/distinct_correct`` (different correct answers per prompt).
+function gives it >= 1.0), ``<stage>/distinct_correct`` (different correct answers per prompt) and
+``<stage>/distinct_answers`` (different answers per prompt, right or wrong).
 
 torchmetrics' ``MeanMetric`` keeps sums and counts, so the epoch values are exact over batches and ranks.
 """
@@ -15,11 +16,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.evaluation import distinct_correct, pass_at_k
+from lit_entropy.evaluation import distinct_answers, distinct_correct, pass_at_k
 
 
 class StageMetrics(torch.nn.Module):
-    """Accuracy, reward, pass@k and distinct correct answers of one stage (a Module: Lightning moves and resets it).
+    """Accuracy, reward, pass@k and answer diversity of one stage (a Module: Lightning moves and resets it).
 
     Args:
         stage: the log prefix (``val`` or ``test``).
@@ -43,6 +44,7 @@ class StageMetrics(torch.nn.Module):
         self.reward = MeanMetric()
         self.pass_at_k = torch.nn.ModuleDict({str(k): MeanMetric() for k in self.ks})
         self.distinct = MeanMetric()
+        self.distinct_answers = MeanMetric()
 
     def update_greedy(self, first_reward: Tensor) -> dict[str, MeanMetric]:
         """Add the greedy answers' ``[B]`` first-reward values; returns the metrics to log, by name."""
@@ -67,6 +69,9 @@ class StageMetrics(torch.nn.Module):
         ]
         self.distinct.update(torch.tensor(distinct, dtype=torch.float32))
         logged[f"{self.stage}/distinct_correct"] = self.distinct
+        answers = [distinct_answers(completions[i * n : (i + 1) * n]) for i in range(len(correct))]
+        self.distinct_answers.update(torch.tensor(answers, dtype=torch.float32))
+        logged[f"{self.stage}/distinct_answers"] = self.distinct_answers
         return logged
 
 

@@ -1,4 +1,4 @@
-"""Evaluation maths for sampled completions: the unbiased pass@k estimator and distinct correct answers.
+"""Evaluation maths for sampled completions: the unbiased pass@k estimator and answer-level diversity.
 
 With ``n`` completions sampled for a prompt, ``c`` of them correct, the probability that at least one of ``k``
 completions drawn without replacement from the ``n`` is correct is
@@ -11,6 +11,8 @@ coefficients overflows for realistic ``n`` if formed directly; it is the product
 
 ``distinct_correct`` counts how many *different* correct answers the samples hold: entropy collapse shows up
 there before accuracy moves (the policy keeps one answer per prompt and pass@k for large ``k`` stops growing).
+``distinct_answers`` counts the different answers among all samples, right or wrong: token entropy can stay
+high (hesitation spread over filler tokens) while the policy gives the same answer every time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from lit_entropy.errors import ConfigError, DataError
 
-__all__ = ["distinct_correct", "pass_at_k"]
+__all__ = ["distinct_answers", "distinct_correct", "pass_at_k"]
 
 
 def pass_at_k(num_samples: int, num_correct: int | Tensor, k: int) -> float | Tensor:
@@ -100,3 +102,15 @@ def distinct_correct(completions: list[str], correct: list[bool]) -> int:
             f"distinct_correct got {len(completions)} completions but {len(correct)} correct flags"
         )
     return len({text.strip() for text, ok in zip(completions, correct) if ok})
+
+
+def distinct_answers(completions: list[str]) -> int:
+    """The number of distinct completion texts (whitespace-stripped) among ``completions``, correct or not.
+
+    Args:
+        completions: the texts sampled for one prompt.
+
+    Returns:
+        ``len({c.strip() for c in completions})``; 0 for no completions.
+    """
+    return len({text.strip() for text in completions})

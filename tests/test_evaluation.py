@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_entropy.errors import ConfigError, DataError
-from lit_entropy.evaluation import distinct_correct, pass_at_k
+from lit_entropy.evaluation import distinct_answers, distinct_correct, pass_at_k
 
 
 def closed_form(n: int, c: int, k: int) -> float:
@@ -110,3 +110,10 @@ def test_distinct_correct_counts_stripped_texts_of_correct_completions_only():
 def test_distinct_correct_length_mismatch_is_a_data_error():
     with pytest.raises(DataError, match="2 completions but 1 correct flags"):
         distinct_correct(["a", "b"], [True])
+
+
+def test_distinct_answers_counts_stripped_texts_right_or_wrong():
+    # stripped: {"3+4", "4+3", "7", "wrong"}
+    assert distinct_answers([" 3+4 ", "3+4", "4+3", "7", "wrong", "4+3\n"]) == 4
+    assert distinct_answers(["same"] * 5) == 1
+    assert distinct_answers([]) == 0

@@ -342,7 +342,7 @@ def test_validate_logs_greedy_accuracy_and_sampled_reward(tiny_model_dir, tmp_pa
     module = _module(tiny_model_dir, tmp_path, val_num_samples=2)
     data = _data()
     results = _trainer(tmp_path, max_steps=1, limit_val_batches=None).validate(module, datamodule=data)
-    assert set(results[0]) == {"val/accuracy", "val/reward", "val/distinct_correct"}
+    assert set(results[0]) == {"val/accuracy", "val/reward", "val/distinct_correct", "val/distinct_answers"}
     # Independent: greedy decoding of each prompt alone (no padding) with the same policy, scored by the first
     # reward function; "accuracy" is its mean over the validation rows.
     module.policy.eval()
@@ -519,6 +519,8 @@ def test_validate_logs_pass_at_k_and_distinct_correct(tiny_model_dir, tmp_path):
     assert results["val/pass@1"] == pytest.approx(results["val/reward"], abs=1e-6)
     assert 0.0 < results["val/pass@1"] <= results["val/pass@4"] <= results["val/pass@8"] <= 1.0
     assert 1.0 <= results["val/distinct_correct"] <= 8.0
+    # every correct answer is an answer, and there are at most 8 different ones among 8 samples
+    assert results["val/distinct_correct"] <= results["val/distinct_answers"] <= 8.0
 
 
 def test_pass_at_k_larger_than_the_samples_is_a_config_error(tiny_model_dir, tmp_path):
