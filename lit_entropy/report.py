@@ -15,7 +15,10 @@ Written to ``--out``:
 - ``pass_at_k.png``: the ``val/pass@K`` of the last validation against ``K``, when such columns exist;
 - ``report.md``: per label, seeds, final entropy and reward (means of the last ``--last`` iterations),
   last ``val/accuracy``, pass@k at the largest k (mean ± sample std over seeds), and the law's a, b, ceiling
-  and R^2.
+  and R^2; then a second table against the baseline label (``--baseline``, default ``GRPO``): the final
+  entropy as a multiple of the baseline's, pass@k at every k, the answer diversity of the last validation
+  (``val/distinct_correct``, ``val/distinct_answers``) and the error of the law fitted on each run's first 15%
+  of validations over the remaining 85% (RMSE).
 
 The entropy paired with a validation is the mean ``train/entropy`` of the iterations since the previous
 validation, as `EntropyLaw` pairs them, so the table's a and b agree with the callback's ``law/*``. The x axis
@@ -47,17 +50,32 @@ from lit_entropy.report_figures import (
     pass_at_k_figure,
     rolling_mean,
 )
-from lit_entropy.run_log import ACCURACY, ENTROPY, REWARD, RunLog, last_pass_at_k, load_run, validation_pairs
+from lit_entropy.run_log import (
+    ACCURACY,
+    BASELINE_LABEL,
+    ENTROPY,
+    REWARD,
+    RunLog,
+    last_pass_at_k,
+    load_run,
+    validation_pairs,
+)
 
 __all__ = [
     "LabelSummary",
+    "baseline_table",
     "early_law_error",
+    "early_law_rmse",
     "fit_label",
     "main",
     "markdown_table",
     "summarize",
     "write_report",
 ]
+
+#: Answer-diversity columns of the validation log, reported at the last validation.
+DISTINCT_CORRECT = "val/distinct_correct"
+DISTINCT_ANSWERS = "val/distinct_answers"
 
 #: Fewer (entropy, val/accuracy) pairs than this make the law's fit a warning: two points fit any line exactly.
 MIN_LAW_POINTS = 5
@@ -78,13 +96,9 @@ def fit_label(runs: Sequence[RunLog]) -> LawFit | None:
         return None
 
 
-def early_law_error(run: RunLog, fraction: float = 0.15) -> float | None:
-    """|predicted - observed| final accuracy of the law fitted on the run's first ``fraction`` of validations.
-
-    The fit uses the first ``max(2, round(fraction * V))`` of the run's ``V`` validation pairs (the paper fits on
-    the first ~15% of training); the prediction is the law at the last pair's entropy. None when fewer than 3 pairs
-    exist or the early pairs cannot be fitted.
-    """
+def _early_fit(run: RunLog, fraction: float) -> tuple[LawFit, list[tuple[float, float]]] | None:
+    """The law fitted on the run's first ``max(2, round(fraction * V))`` of its ``V`` validation pairs, and the
+    pairs after them; None when fewer than 3 pairs exist or the early pairs cannot be fitted."""
     pairs = validation_pairs(run)
     count = max(2, round(fraction * len(pairs)))
     if len(pairs) < 3 or count >= len(pairs):
@@ -97,8 +111,36 @@ def early_law_error(run: RunLog, fraction: float = 0.15) -> float | None:
         )
     except DataError:
         return None
-    final_entropy, final_accuracy = pairs[-1]
+    return fit, pairs[count:]
+
+
+def early_law_error(run: RunLog, fraction: float = 0.15) -> float | None:
+    """|predicted - observed| final accuracy of the law fitted on the run's first ``fraction`` of validations.
+
+    The fit uses the first ``max(2, round(fraction * V))`` of the run's ``V`` validation pairs (the paper fits on
+    the first ~15% of training); the prediction is the law at the last pair's entropy. None when fewer than 3 pairs
+    exist or the early pairs cannot be fitted.
+    """
+    early = _early_fit(run, fraction)
+    if early is None:
+        return None
+    fit, rest = early
+    final_entropy, final_accuracy = rest[-1]
     return abs(float(predict(fit, final_entropy)) - final_accuracy)
+
+
+def early_law_rmse(run: RunLog, fraction: float = 0.15) -> float | None:
+    """Root-mean-square error, over every later validation, of the law fitted on the first ``fraction``.
+
+    The same early fit as `early_law_error`; the prediction at each remaining pair's entropy is compared with
+    its accuracy. None under the same conditions.
+    """
+    early = _early_fit(run, fraction)
+    if early is None:
+        return None
+    fit, rest = early
+    errors = [(float(predict(fit, entropy)) - accuracy) ** 2 for entropy, accuracy in rest]
+    return statistics.fmean(errors) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -115,6 +157,11 @@ class LabelSummary:
     fit: LawFit | None
     early_law_error: tuple[float, float] | None = None  # |pred - obs| final accuracy, law fitted on first 15%
     law_points: int = 0  # the (entropy, val/accuracy) pairs the law was fitted on
+    final_entropies: tuple[float, ...] = ()  # per seed, the mean of the last iterations
+    pass_at_every_k: dict[int, tuple[float, float]] | None = None  # k -> (mean, std) at the last validation
+    distinct_correct: tuple[float, float] | None = None  # last validation's val/distinct_correct
+    distinct_answers: tuple[float, float] | None = None  # last validation's val/distinct_answers
+    early_law_rmse: tuple[float, float] | None = None  # law fitted on the first 15%, RMSE over the rest
 
     @property
     def too_few_law_points(self) -> bool:
@@ -156,8 +203,11 @@ def summarize(runs: Sequence[RunLog], last: int = 10) -> list[LabelSummary]:
             mean_std = _mean_std([p[largest] for p in pass_at if largest in p])
             assert mean_std is not None
             pass_row = (largest, *mean_std)
-        entropy = _mean_std([statistics.fmean(run.values(ENTROPY)[-last:]) for run in group])
+        entropies = [statistics.fmean(run.values(ENTROPY)[-last:]) for run in group]
+        entropy = _mean_std(entropies)
         assert entropy is not None  # load_run guarantees train/entropy
+        every_k = sorted({k for p in pass_at for k in p})
+        pass_at_every_k = {k: _mean_std([p[k] for p in pass_at if k in p]) for k in every_k}
         summaries.append(
             LabelSummary(
                 label=label,
@@ -169,6 +219,15 @@ def summarize(runs: Sequence[RunLog], last: int = 10) -> list[LabelSummary]:
                 fit=fit_label(group),
                 law_points=sum(len(validation_pairs(run)) for run in group),
                 early_law_error=_mean_std([e for run in group if (e := early_law_error(run)) is not None]),
+                final_entropies=tuple(entropies),
+                pass_at_every_k=pass_at_every_k or None,  # type: ignore[arg-type]
+                distinct_correct=_mean_std(
+                    [run.values(DISTINCT_CORRECT)[-1] for run in group if run.values(DISTINCT_CORRECT)]
+                ),
+                distinct_answers=_mean_std(
+                    [run.values(DISTINCT_ANSWERS)[-1] for run in group if run.values(DISTINCT_ANSWERS)]
+                ),
+                early_law_rmse=_mean_std([e for run in group if (e := early_law_rmse(run)) is not None]),
             )
         )
     return summaries
@@ -223,10 +282,50 @@ def markdown_table(summaries: Sequence[LabelSummary], last: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ratio_cell(value: tuple[float, float] | None, seeds: int) -> str:
+    if value is None:
+        return "n/a"
+    mean, std = value
+    return f"{mean:.2f}x" if seeds == 1 else f"{mean:.2f}x ± {std:.2f}"
+
+
+def baseline_table(summaries: Sequence[LabelSummary], baseline: str = BASELINE_LABEL) -> str:
+    """The markdown table that sets each label against ``baseline`` (a label of ``summaries``, or absent).
+
+    ``entropy / baseline`` is, per seed, the final entropy divided by the baseline's mean final entropy, then
+    mean ± std over seeds (``n/a`` without the baseline). pass@k has one column per k any run logged.
+    """
+    reference = next((row for row in summaries if row.label == baseline), None)
+    ks = sorted({k for row in summaries for k in (row.pass_at_every_k or {})})
+    lines = [
+        f"| label | entropy / {baseline} | "
+        + "".join(f"pass@{k} | " for k in ks)
+        + "distinct correct | distinct answers | law on first 15%: RMSE on the rest |",
+        "|---|---|" + "---|" * len(ks) + "---|---|---|",
+    ]
+    for row in summaries:
+        ratio = None
+        if reference is not None and reference.final_entropy[0] > 0:
+            ratio = _mean_std([h / reference.final_entropy[0] for h in row.final_entropies])
+        passes = row.pass_at_every_k or {}
+        cells = [
+            row.label,
+            _ratio_cell(ratio, row.seeds),
+            *(_cell(passes.get(k), row.seeds) for k in ks),
+            _cell(row.distinct_correct, row.seeds),
+            _cell(row.distinct_answers, row.seeds),
+            _cell(row.early_law_rmse, row.seeds),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- writing -------------------------------------------------------------------------------------------
 
 
-def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int = 10) -> list[Path]:
+def write_report(
+    runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int = 10, baseline: str = BASELINE_LABEL
+) -> list[Path]:
     """Write the figures and ``report.md`` for ``runs`` into ``out`` (created if needed).
 
     Returns:
@@ -279,9 +378,12 @@ def write_report(runs: Sequence[RunLog], out: Path, smooth: int = 10, last: int 
         + "\nMeans ± sample std over seeds. a, b: the law R = -a exp(H) + b fitted by least squares on the "
         "pooled (entropy, val/accuracy) pairs of a label's seeds; ceiling = b - a.\n"
         + "".join(f"\n**Warning:** {row.law_warning()}\n" for row in summaries if row.too_few_law_points)
-        + "\n## Runs\n\n"
-        + sources
-        + "\n"
+        + f"\n## Against {baseline}\n\n"
+        + baseline_table(summaries, baseline)
+        + f"\nentropy / {baseline}: each seed's final entropy over the mean final entropy of {baseline}. pass@k, "
+        "distinct correct and distinct answers (different completions per prompt among the validation samples): "
+        "the last validation. The early law is fitted on each run's first 15% of validations and scored on the "
+        "rest.\n" + "\n## Runs\n\n" + sources + "\n"
     )
     written.append(path)
     return written
@@ -300,6 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", nargs="+", help="one label per RUN_DIR (default: from config.yaml)")
     parser.add_argument("--smooth", type=int, default=10, help="rolling-mean window of the reward curve")
     parser.add_argument("--last", type=int, default=10, help="iterations averaged for the final values")
+    parser.add_argument(
+        "--baseline", default=BASELINE_LABEL, help="the label the second table compares against"
+    )
     return parser
 
 
@@ -316,7 +421,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     import_pyplot()  # fail on a missing extra before reading any log
     labels = args.labels or [None] * len(args.run_dirs)
     runs = [load_run(run_dir, label) for run_dir, label in zip(args.run_dirs, labels)]
-    for path in write_report(runs, args.out, smooth=args.smooth, last=args.last):
+    if args.baseline not in {run.label for run in runs}:
+        print(
+            f"lit-entropy report: warning: no run is labelled {args.baseline!r} (--baseline): "
+            "the entropy ratios are n/a",
+            file=sys.stderr,
+        )
+    for path in write_report(runs, args.out, smooth=args.smooth, last=args.last, baseline=args.baseline):
         print(path)
     for row in summarize(runs, last=args.last):
         if row.too_few_law_points:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lit_entropy.errors import ConfigError, DataError
-from lit_entropy.report import main
+from lit_entropy.report import early_law_error, early_law_rmse, main
 from lit_entropy.report_figures import aggregate, rolling_mean
 from lit_entropy.run_log import (
     RunLog,
@@ -125,8 +125,9 @@ def run_dirs(tmp_path) -> list[Path]:
 
 
 def table_rows(report: Path) -> dict[str, list[str]]:
+    """The rows of the first table (the one before the "## Against" heading)."""
     rows = {}
-    for line in report.read_text().splitlines():
+    for line in report.read_text().split("## Against", 1)[0].splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if line.startswith("| ") and cells[0] in LAWS:
             rows[cells[0]] = cells
@@ -319,3 +320,85 @@ def test_a_law_fitted_on_enough_points_has_no_warning(run_dirs, tmp_path, capsys
     main([*map(str, run_dirs), "--out", str(tmp_path / "report")])
     assert "warning" not in capsys.readouterr().err
     assert "Warning" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def baseline_rows(report: Path) -> dict[str, list[str]]:
+    """The rows of the second table (the one after the "## Against" heading)."""
+    text = report.read_text().split("## Against", 1)[1].split("## Runs", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in LAWS:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_the_baseline_table_gives_entropy_ratios_every_pass_at_k_and_the_early_law_rmse(run_dirs, tmp_path):
+    out = tmp_path / "out"
+    main([*map(str, run_dirs), "--out", str(out)])
+    header = [line for line in (out / "report.md").read_text().splitlines() if "entropy / GRPO" in line][0]
+    assert "pass@1 | pass@4 | pass@8" in header
+    rows = baseline_rows(out / "report.md")
+    finals = {
+        label: [statistics.fmean(fake_entropy(label, seed, s) for s in range(20, 30)) for seed in (0, 1)]
+        for label in LAWS
+    }
+    reference = statistics.fmean(finals["GRPO"])
+    for label, cells in rows.items():
+        ratios = [h / reference for h in finals[label]]
+        mean, std = cells[1].split("±")
+        assert float(mean.strip().removesuffix("x")) == pytest.approx(statistics.fmean(ratios), abs=0.01)
+        assert float(std) == pytest.approx(statistics.stdev(ratios), abs=0.01)
+        for column, k in enumerate(KS, start=2):
+            passes = [fake_pass_at(label, seed, 29, k) for seed in (0, 1)]
+            assert mean_std(cells[column])[0] == pytest.approx(statistics.fmean(passes), abs=1e-4)
+        assert cells[5] == cells[6] == "n/a"  # the fake logs hold no distinct_* columns
+        # every run follows the law exactly, so the early fit predicts every later validation
+        assert mean_std(cells[7])[0] == pytest.approx(0.0, abs=1e-4)
+    assert float(rows["ClipCov"][1].split("x")[0]) > 1.5  # ClipCov's entropy floor is 4x GRPO's
+
+
+def test_the_early_law_rmse_is_the_error_over_the_later_validations(tmp_path):
+    # 7 validations: the early fit takes max(2, round(0.15 * 7)) = 2 of them, which fix the law exactly
+    steps = list(range(7))
+    entropy = [1.0 - 0.1 * s for s in steps]
+    accuracy = [-0.1 * math.exp(h) + 0.5 for h in entropy]
+    accuracy[4] += 0.03  # a later validation off the law by 0.03, another by -0.04
+    accuracy[6] -= 0.04
+    run = RunLog(
+        label="GRPO",
+        path=tmp_path,
+        metrics={"train/entropy": list(zip(steps, entropy)), "val/accuracy": list(zip(steps, accuracy))},
+    )
+    expected = math.sqrt((0.03**2 + 0.04**2) / 5)  # 5 later validations, 3 of them exactly on the law
+    assert early_law_rmse(run) == pytest.approx(expected, abs=1e-9)
+    assert early_law_error(run) == pytest.approx(0.04, abs=1e-9)
+
+
+def test_distinct_columns_are_the_last_validations_values(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run / "metrics.csv", "GRPO", seed=0)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    accuracy = header.index("val/accuracy")
+    out_lines = [lines[0] + ",val/distinct_answers,val/distinct_correct"]
+    count = 0
+    for line in lines[1:]:
+        if line.split(",")[accuracy]:
+            count += 1
+            line += f",{2.0 + count},{1.0 + 0.5 * count}"
+        else:
+            line += ",,"
+        out_lines.append(line)
+    (run / "metrics.csv").write_text("\n".join(out_lines) + "\n")
+    main([str(run), "--out", str(tmp_path / "out")])
+    cells = baseline_rows(tmp_path / "out" / "report.md")["GRPO"]
+    assert cells[1] == "1.00x"  # the baseline against itself
+    assert float(cells[5]) == pytest.approx(1.0 + 0.5 * len(VAL_STEPS))
+    assert float(cells[6]) == pytest.approx(2.0 + len(VAL_STEPS))
+
+
+def test_a_missing_baseline_label_warns_and_leaves_the_ratios_out(run_dirs, tmp_path, capsys):
+    main([str(run_dirs[2]), "--out", str(tmp_path / "out")])  # ClipCov alone
+    assert "no run is labelled 'GRPO' (--baseline)" in capsys.readouterr().err
+    assert baseline_rows(tmp_path / "out" / "report.md")["ClipCov"][1] == "n/a"

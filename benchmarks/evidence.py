@@ -1,0 +1,475 @@
+"""The evidence runs: does each entropy method keep entropy alive, at what cost, against a collapsing baseline?
+
+Four stages, each resumable (a finished run, one whose adapter was exported, is skipped):
+
+1. ``tune``: every method's main knob, over a small grid, on a seed that is never reported (``--tune-seed``).
+   The value kept is the one with the highest final entropy whose final reward is at least the baseline's
+   minus ``--reward-tolerance`` on that seed (else the one with the highest reward). Written to
+   ``<out>/<model>/tuning.json``.
+2. ``compare``: each method at its tuned value, and the baseline, on the reported seeds (``--seeds``).
+3. ``transfer``: each compared run's final adapter trained on a second task for a fixed budget (trainability
+   after training: how fast reward rises when the policy has to learn something new).
+4. ``report``: `lit-entropy report` over the compared runs and over the transfer runs.
+
+Models (``--model``):
+
+- ``embedded``: the embedded countdown task and tiny model, with 8 optimizer updates per rollout (4 epochs x 2
+  mini-batches: the covariance methods act only on off-policy updates). Second task: countdown over 4 numbers
+  with 3-4 term solutions. About 2-3 min per run on one core.
+- ``smollm2``: SmolLM2-135M-Instruct on "What is a + b?" (``recipes/cpu/smollm2-arithmetic.yaml``), 4 updates
+  per rollout. Second task: "What is a * b?". About 10 min per run on 2 cores.
+
+    .venv/bin/python benchmarks/evidence.py --model embedded --jobs 2          # all four stages
+    .venv/bin/python benchmarks/evidence.py --model embedded --stage report    # the tables and figures only
+
+Every run's command line is printed before it starts, so any single run can be repeated by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def callback(class_path: str, **init_args: object) -> dict:
+    return {"class_path": f"lit_entropy.callbacks.{class_path}", "init_args": init_args}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison: its label, and its variants, one per value of its main knob.
+
+    Each variant is ``(knob value as text, callbacks, extra command-line options)``; the first is the
+    papers' default. A method with one variant is not tuned.
+    """
+
+    label: str
+    variants: list[tuple[str, list[dict], list[str]]] = field(default_factory=list)
+
+
+def methods(model: str) -> list[Method]:
+    """The comparison set. Knob grids are the papers' defaults and one stronger setting."""
+    initial = 0.63 if model == "embedded" else 0.82  # the baseline's first-iteration entropy (nats)
+    return [
+        Method("GRPO", [("-", [], [])]),
+        Method(
+            "clip-higher",
+            [(f"eps_high={e}", [], ["--model.init_args.loss.eps_high", str(e)]) for e in (0.28, 0.4)],
+        ),
+        Method(
+            "EntropyConstraint",
+            [
+                (
+                    f"target={start}->{end}",
+                    [
+                        callback(
+                            "EntropyConstraint",
+                            target_start=start,
+                            target_end=end,
+                            schedule="linear",
+                            decay_steps=25,
+                            lr_lambda=0.5,
+                            lambda_max=10.0,
+                        )
+                    ],
+                    [],
+                )
+                for start, end in (
+                    (round(0.8 * initial, 2), round(0.5 * initial, 2)),
+                    (round(0.9 * initial, 2), round(0.7 * initial, 2)),
+                )
+            ],
+        ),
+        Method(
+            "ClipCov",
+            [(f"ratio={r}", [callback("ClipCov", ratio=r, cov_lb=0.0, cov_ub=5.0)], []) for r in (0.02, 0.1)],
+        ),
+        Method(
+            "KLCov", [(f"kl_coef={k}", [callback("KLCov", ratio=0.02, kl_coef=k)], []) for k in (1.0, 4.0)]
+        ),
+        Method(
+            "REPO-R",
+            [(f"zeta_max={z}", [callback("REPO", variant="R", zeta_max=z)], []) for z in (0.05, 0.2)],
+        ),
+        Method(
+            "ADAPO",
+            [
+                (f"eps_high_max={e}", [callback("ADAPO", eps_high_init=0.28, eps_high_max=e)], [])
+                for e in (0.4, 0.6)
+            ],
+        ),
+        Method(
+            "AdaptiveEntropyBonus",
+            [
+                (f"target={t}", [callback("AdaptiveEntropyBonus", target=t, delta=0.002, coef_max=0.05)], [])
+                for t in (round(0.7 * initial, 2), round(0.9 * initial, 2))
+            ],
+        ),
+        Method(
+            "GSPO",
+            [
+                (
+                    f"eps={low}/{high}",
+                    [],
+                    [
+                        "--model.init_args.loss.importance_sampling_level",
+                        "sequence",
+                        "--model.init_args.loss.eps_low",
+                        str(low),
+                        "--model.init_args.loss.eps_high",
+                        str(high),
+                    ],
+                )
+                for low, high in ((3e-4, 4e-4), (3e-3, 4e-3))
+            ],
+        ),
+        Method(
+            "DynamicSampling",
+            [("max_rounds=4", [], ["--model.init_args.dynamic_sampling", '{"max_rounds": 4}'])],
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A model's recipe and the options that put it in the collapsing regime."""
+
+    recipe: str
+    updates_per_iteration: int
+    options: list[str]
+    transfer_options: list[str]
+    transfer_updates_per_iteration: int
+    threads: int
+
+
+def setting(model: str, iterations: int, val_every: int, samples: int) -> Setting:
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= samples})
+    validation = [
+        "--trainer.val_check_interval",
+        str(val_every),
+        "--model.init_args.val_num_samples",
+        str(samples),
+        "--model.init_args.pass_at_k",
+        json.dumps(ks),
+    ]
+    if model == "embedded":
+        return Setting(
+            recipe="recipes/embedded/grpo.yaml",
+            updates_per_iteration=8,
+            options=["--model.init_args.ppo_epochs", "4", *validation],
+            transfer_options=[
+                "--data.init_args.num_numbers",
+                "4",
+                "--data.init_args.min_terms",
+                "3",
+                "--data.init_args.max_terms",
+                "4",
+                "--model.init_args.ppo_epochs",
+                "1",
+                "--trainer.val_check_interval",
+                str(val_every),
+                "--model.init_args.val_num_samples",
+                "0",
+            ],
+            transfer_updates_per_iteration=2,
+            threads=1,
+        )
+    return Setting(
+        recipe="recipes/cpu/smollm2-arithmetic.yaml",
+        updates_per_iteration=4,
+        options=[
+            "--model.init_args.ppo_epochs",
+            "2",
+            "--model.init_args.minibatch_size",
+            "32",
+            "--data.init_args.num_val",
+            "64",
+            *validation,
+        ],
+        transfer_options=[
+            "--data.init_args.operations",
+            '["*"]',
+            "--data.init_args.max_operand",
+            "12",
+            "--data.init_args.num_val",
+            "64",
+            "--trainer.val_check_interval",
+            str(val_every),
+            "--model.init_args.val_num_samples",
+            "0",
+        ],
+        transfer_updates_per_iteration=1,
+        threads=2,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    knob: str
+    seed: int
+    folder: Path
+    command: list[str]
+
+    def finished(self) -> bool:
+        return (self.folder / "adapter" / "adapter_config.json").exists()
+
+
+def fit_command(
+    setting_: Setting,
+    folder: Path,
+    seed: int,
+    iterations: int,
+    callbacks: list[dict],
+    extra: list[str],
+    transfer_from: Path | None = None,
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "lit_entropy",
+        "fit",
+        "--config",
+        str(ROOT / setting_.recipe),
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.seed",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(folder),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.adapter_dir",
+        str(folder / "adapter"),
+    ]
+    if transfer_from is None:
+        command += setting_.options
+        command += ["--trainer.max_steps", str(iterations * setting_.updates_per_iteration)]
+        if callbacks:
+            command += ["--trainer.callbacks", json.dumps(callbacks)]
+        command += extra
+    else:
+        command += setting_.transfer_options
+        command += ["--trainer.max_steps", str(iterations * setting_.transfer_updates_per_iteration)]
+        command += ["--model.init_args.policy.adapter_path", str(transfer_from)]
+    return command
+
+
+def execute(run: Run, threads: int) -> float:
+    """Run one fit (skipped when finished); returns its wall time in seconds."""
+    if run.finished():
+        return 0.0
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    print(f"[{run.label} {run.knob} seed {run.seed}] " + shlex.join(run.command), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    run.folder.mkdir(parents=True, exist_ok=True)
+    with (run.folder / "fit.log").open("w") as log:
+        result = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - started
+    if result.returncode:
+        tail = (run.folder / "fit.log").read_text()[-3000:]
+        raise SystemExit(f"{run.label} {run.knob} seed {run.seed} failed ({run.folder / 'fit.log'}):\n{tail}")
+    print(f"[{run.label} {run.knob} seed {run.seed}] done in {elapsed:.0f} s", file=sys.stderr, flush=True)
+    return elapsed
+
+
+def execute_all(runs: list[Run], jobs: int, threads: int) -> None:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda run: execute(run, threads), runs))
+
+
+def final(run: Run, name: str, last: int = 10) -> float:
+    from lit_entropy.run_log import load_run
+
+    values = load_run(run.folder).values(name)
+    if not values:
+        raise SystemExit(f"{run.folder} logged no {name}")
+    return statistics.fmean(values[-last:])
+
+
+def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, int]:
+    """Run every variant on the tuning seed; return and save the index of the kept variant per method."""
+    runs: dict[str, list[Run]] = {}
+    for method in methods(args.model):
+        if len(method.variants) == 1 and method.label != "GRPO":
+            continue
+        runs[method.label] = [
+            Run(
+                method.label,
+                knob,
+                args.tune_seed,
+                out / "tune" / method.label / f"v{index}",
+                fit_command(
+                    setting_,
+                    out / "tune" / method.label / f"v{index}",
+                    args.tune_seed,
+                    args.iterations,
+                    callbacks,
+                    extra,
+                ),
+            )
+            for index, (knob, callbacks, extra) in enumerate(method.variants)
+        ]
+    execute_all([run for group in runs.values() for run in group], args.jobs, setting_.threads)
+    baseline_reward = final(runs["GRPO"][0], "rollout/reward_mean")
+    chosen: dict[str, int] = {}
+    lines = [
+        f"tuning seed {args.tune_seed}; GRPO: final reward {baseline_reward:.4f}, "
+        f"entropy {final(runs['GRPO'][0], 'train/entropy'):.4f}"
+    ]
+    for label, group in runs.items():
+        if label == "GRPO":
+            continue
+        scores = [(final(run, "train/entropy"), final(run, "rollout/reward_mean")) for run in group]
+        eligible = [
+            i for i, (_, reward) in enumerate(scores) if reward >= baseline_reward - args.reward_tolerance
+        ]
+        if eligible:
+            chosen[label] = max(eligible, key=lambda i: scores[i][0])
+        else:
+            chosen[label] = max(range(len(group)), key=lambda i: scores[i][1])
+        for i, (run, (entropy, reward)) in enumerate(zip(group, scores)):
+            mark = "kept" if i == chosen[label] else ""
+            lines.append(f"{label} {run.knob}: entropy {entropy:.4f}, reward {reward:.4f} {mark}")
+    (out / "tuning.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    (out / "tuning.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
+    return chosen
+
+
+def compared_runs(
+    args: argparse.Namespace, setting_: Setting, out: Path, chosen: dict[str, int]
+) -> list[Run]:
+    runs = []
+    for seed in args.seeds:
+        for method in methods(args.model):
+            if args.methods and method.label not in args.methods:
+                continue
+            knob, callbacks, extra = method.variants[chosen.get(method.label, 0)]
+            folder = out / "compare" / method.label / f"seed{seed}"
+            runs.append(
+                Run(
+                    method.label,
+                    knob,
+                    seed,
+                    folder,
+                    fit_command(setting_, folder, seed, args.iterations, callbacks, extra),
+                )
+            )
+    return runs
+
+
+def transfer_runs(args: argparse.Namespace, setting_: Setting, out: Path, sources: list[Run]) -> list[Run]:
+    runs = []
+    for source in sources:
+        folder = out / "transfer" / source.label / f"seed{source.seed}"
+        runs.append(
+            Run(
+                source.label,
+                source.knob,
+                source.seed,
+                folder,
+                fit_command(
+                    setting_,
+                    folder,
+                    source.seed,
+                    args.transfer_iterations,
+                    [],
+                    [],
+                    transfer_from=source.folder / "adapter",
+                ),
+            )
+        )
+    return runs
+
+
+def report(runs: list[Run], destination: Path, last: int) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "lit_entropy",
+        "report",
+        *(str(run.folder) for run in runs),
+        "--labels",
+        *(run.label for run in runs),
+        "--out",
+        str(destination),
+        "--last",
+        str(last),
+    ]
+    print(" ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["embedded", "smollm2"], default="embedded")
+    parser.add_argument("--stage", choices=["all", "tune", "compare", "transfer", "report"], default="all")
+    parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
+    parser.add_argument(
+        "--iterations", type=int, help="RL iterations per run (default: 50 embedded, 10 smollm2)"
+    )
+    parser.add_argument("--transfer-iterations", type=int, help="RL iterations on the second task")
+    parser.add_argument("--val-every", type=int, help="RL iterations between validations")
+    parser.add_argument("--samples", type=int, help="sampled completions per validation prompt (pass@k)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument(
+        "--reward-tolerance",
+        type=float,
+        default=0.03,
+        help="a tuned value may cost at most this much final reward against the baseline",
+    )
+    parser.add_argument("--methods", nargs="*", help="labels to compare (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    args = parser.parse_args()
+    embedded = args.model == "embedded"
+    args.iterations = args.iterations or (50 if embedded else 10)
+    args.transfer_iterations = args.transfer_iterations or (20 if embedded else 6)
+    args.val_every = args.val_every or (3 if embedded else 2)
+    args.samples = args.samples if args.samples is not None else (16 if embedded else 4)
+    setting_ = setting(args.model, args.iterations, args.val_every, args.samples)
+    out = args.out / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tuning = out / "tuning.json"
+    if args.stage in ("all", "tune"):
+        chosen = tune(args, setting_, out)
+    else:
+        chosen = json.loads(tuning.read_text()) if tuning.exists() else {}
+    compared = compared_runs(args, setting_, out, chosen)
+    if args.stage in ("all", "compare"):
+        execute_all(compared, args.jobs, setting_.threads)
+    transferred = transfer_runs(args, setting_, out, compared)
+    if args.stage in ("all", "transfer"):
+        execute_all(transferred, args.jobs, setting_.threads)
+    if args.stage in ("all", "report"):
+        report([run for run in compared if run.finished()], out / "report", last=10)
+        report([run for run in transferred if run.finished()], out / "report_transfer", last=5)
+    print(
+        f"evidence ({args.model}, stage {args.stage}): {time.perf_counter() - started:.0f} s", file=sys.stderr
+    )
+
+
+if __name__ == "__main__":
+    main()
