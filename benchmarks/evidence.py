@@ -441,18 +441,23 @@ def main() -> None:
         help="a tuned value may cost at most this much final reward against the baseline",
     )
     parser.add_argument("--methods", nargs="*", help="labels to compare (default: all)")
+    parser.add_argument(
+        "--tuning",
+        type=Path,
+        help="a tuning.json to use instead of this model's own (e.g. the embedded one's)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     args = parser.parse_args()
     embedded = args.model == "embedded"
-    args.iterations = args.iterations or (50 if embedded else 10)
+    args.iterations = args.iterations or (40 if embedded else 8)
     args.transfer_iterations = args.transfer_iterations or (20 if embedded else 6)
     args.val_every = args.val_every or (3 if embedded else 2)
-    args.samples = args.samples if args.samples is not None else (16 if embedded else 4)
+    args.samples = args.samples if args.samples is not None else (16 if embedded else 0)
     setting_ = setting(args.model, args.iterations, args.val_every, args.samples)
-    out = args.out / args.model
+    out = args.out.resolve() / args.model
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tuning = out / "tuning.json"
+    tuning = args.tuning or out / "tuning.json"
     if args.stage in ("all", "tune"):
         chosen = tune(args, setting_, out)
     else:
