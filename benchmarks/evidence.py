@@ -402,6 +402,9 @@ def transfer_runs(args: argparse.Namespace, setting_: Setting, out: Path, source
 
 
 def report(runs: list[Run], destination: Path, last: int) -> None:
+    if not runs:
+        print(f"no finished runs for {destination}: nothing to report", file=sys.stderr)
+        return
     command = [
         sys.executable,
         "-m",
@@ -469,8 +472,9 @@ def main() -> None:
     if args.stage in ("all", "transfer"):
         execute_all(transferred, args.jobs, setting_.threads)
     if args.stage in ("all", "report"):
-        report([run for run in compared if run.finished()], out / "report", last=10)
-        report([run for run in transferred if run.finished()], out / "report_transfer", last=5)
+        last = 10 if embedded else 3  # the final values average the last quarter of a run
+        report([run for run in compared if run.finished()], out / "report", last=last)
+        report([run for run in transferred if run.finished()], out / "report_transfer", last=min(last, 5))
     print(
         f"evidence ({args.model}, stage {args.stage}): {time.perf_counter() - started:.0f} s", file=sys.stderr
     )
