@@ -266,10 +266,10 @@ def fit_command(
     return command
 
 
-def execute(run: Run, threads: int) -> float:
-    """Run one fit (skipped when finished); returns its wall time in seconds."""
+def execute(run: Run, threads: int) -> None:
+    """Run one fit, skipped when finished; print its command and its wall time."""
     if run.finished():
-        return 0.0
+        return
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -288,7 +288,6 @@ def execute(run: Run, threads: int) -> float:
         tail = (run.folder / "fit.log").read_text()[-3000:]
         raise SystemExit(f"{run.label} {run.knob} seed {run.seed} failed ({run.folder / 'fit.log'}):\n{tail}")
     print(f"[{run.label} {run.knob} seed {run.seed}] done in {elapsed:.0f} s", file=sys.stderr, flush=True)
-    return elapsed
 
 
 def execute_all(runs: list[Run], jobs: int, threads: int) -> None:

@@ -197,17 +197,12 @@ def summarize(runs: Sequence[RunLog], last: int = 10) -> list[LabelSummary]:
         rewards = [statistics.fmean(run.values(REWARD)[-last:]) for run in group if run.values(REWARD)]
         accuracies = [run.values(ACCURACY)[-1] for run in group if run.values(ACCURACY)]
         pass_at = [last_pass_at_k(run) for run in group]
-        largest = max((max(p) for p in pass_at if p), default=None)
-        pass_row = None
-        if largest is not None:
-            mean_std = _mean_std([p[largest] for p in pass_at if largest in p])
-            assert mean_std is not None
-            pass_row = (largest, *mean_std)
+        every_k = sorted({k for p in pass_at for k in p})
+        pass_at_every_k = {k: _mean_std([p[k] for p in pass_at if k in p]) for k in every_k}
+        pass_row = (every_k[-1], *pass_at_every_k[every_k[-1]]) if every_k else None  # the largest k
         entropies = [statistics.fmean(run.values(ENTROPY)[-last:]) for run in group]
         entropy = _mean_std(entropies)
         assert entropy is not None  # load_run guarantees train/entropy
-        every_k = sorted({k for p in pass_at for k in p})
-        pass_at_every_k = {k: _mean_std([p[k] for p in pass_at if k in p]) for k in every_k}
         summaries.append(
             LabelSummary(
                 label=label,
