@@ -1,15 +1,18 @@
 """The evidence runs: does each entropy method keep entropy alive, at what cost, against a collapsing baseline?
 
-Four stages, each resumable (a finished run, one whose adapter was exported, is skipped):
+Five stages, each resumable (a finished run, one whose adapter was exported, is skipped):
 
 1. ``tune``: every method's main knob, over a small grid, on a seed that is never reported (``--tune-seed``).
    The value kept is the one with the highest final entropy whose final reward is at least the baseline's
    minus ``--reward-tolerance`` on that seed (else the one with the highest reward). Written to
    ``<out>/<model>/tuning.json``.
 2. ``compare``: each method at its tuned value, and the baseline, on the reported seeds (``--seeds``).
-3. ``transfer``: each compared run's final adapter trained on a second task for a fixed budget (trainability
+3. ``final``: each compared run's final adapter validated once with ``--final-samples`` sampled answers per
+   prompt (pass@k, distinct answers), for a model whose runs validate greedily only (SmolLM2 on a CPU).
+4. ``transfer``: each compared run's final adapter trained on a second task for a fixed budget (trainability
    after training: how fast reward rises when the policy has to learn something new).
-4. ``report``: `lit-entropy report` over the compared runs and over the transfer runs.
+5. ``report``: `lit-entropy report` over the compared runs and over the transfer runs, and the table of the
+   final validations (``report/final.md``).
 
 Models (``--model``):
 
@@ -216,6 +219,8 @@ def setting(model: str, iterations: int, val_every: int, samples: int) -> Settin
 
 @dataclass(frozen=True)
 class Run:
+    """One subprocess: a fit (finished once its adapter is exported) or a validate (once its log is written)."""
+
     label: str
     knob: str
     seed: int
@@ -223,6 +228,8 @@ class Run:
     command: list[str]
 
     def finished(self) -> bool:
+        if self.command[3] == "validate":
+            return any((self.folder / "validate").glob("version_*/metrics.csv"))
         return (self.folder / "adapter" / "adapter_config.json").exists()
 
 
@@ -291,11 +298,18 @@ def execute(run: Run, threads: int) -> None:
 
 
 def execute_all(runs: list[Run], jobs: int, threads: int) -> None:
+    """Run ``jobs`` fits at a time; a model's threads are shared among them (2 threads, 2 jobs: 1 each)."""
+    threads = max(1, threads // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda run: execute(run, threads), runs))
 
 
-def final(run: Run, name: str, last: int = 10) -> float:
+def final_window(args: argparse.Namespace) -> int:
+    """The iterations a final value averages: the last quarter of a run, at least 3 (10 of 40, 3 of 8)."""
+    return max(3, round(args.iterations / 4))
+
+
+def final(run: Run, name: str, last: int) -> float:
     from lit_entropy.run_log import load_run
 
     values = load_run(run.folder).values(name)
@@ -308,7 +322,9 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
     """Run every variant on the tuning seed; return and save the index of the kept variant per method."""
     runs: dict[str, list[Run]] = {}
     for method in methods(args.model):
-        if len(method.variants) == 1 and method.label != "GRPO":
+        if method.label != "GRPO" and (
+            len(method.variants) == 1 or (args.methods and method.label not in args.methods)
+        ):
             continue
         runs[method.label] = [
             Run(
@@ -328,16 +344,19 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
             for index, (knob, callbacks, extra) in enumerate(method.variants)
         ]
     execute_all([run for group in runs.values() for run in group], args.jobs, setting_.threads)
-    baseline_reward = final(runs["GRPO"][0], "rollout/reward_mean")
+    last = final_window(args)
+    baseline_reward = final(runs["GRPO"][0], "rollout/reward_mean", last)
     chosen: dict[str, int] = {}
     lines = [
-        f"tuning seed {args.tune_seed}; GRPO: final reward {baseline_reward:.4f}, "
-        f"entropy {final(runs['GRPO'][0], 'train/entropy'):.4f}"
+        f"tuning seed {args.tune_seed}, final values over the last {last} iterations; GRPO: final reward "
+        f"{baseline_reward:.4f}, entropy {final(runs['GRPO'][0], 'train/entropy', last):.4f}"
     ]
     for label, group in runs.items():
         if label == "GRPO":
             continue
-        scores = [(final(run, "train/entropy"), final(run, "rollout/reward_mean")) for run in group]
+        scores = [
+            (final(run, "train/entropy", last), final(run, "rollout/reward_mean", last)) for run in group
+        ]
         eligible = [
             i for i, (_, reward) in enumerate(scores) if reward >= baseline_reward - args.reward_tolerance
         ]
@@ -348,6 +367,8 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
         for i, (run, (entropy, reward)) in enumerate(zip(group, scores)):
             mark = "kept" if i == chosen[label] else ""
             lines.append(f"{label} {run.knob}: entropy {entropy:.4f}, reward {reward:.4f} {mark}")
+    previous = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else {}
+    chosen = {**previous, **chosen}  # a tuning of some methods (--methods) keeps the others' choices
     (out / "tuning.json").write_text(json.dumps(chosen, indent=2) + "\n")
     (out / "tuning.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), file=sys.stderr)
@@ -400,6 +421,119 @@ def transfer_runs(args: argparse.Namespace, setting_: Setting, out: Path, source
     return runs
 
 
+VALIDATION_KEYS = (
+    "--trainer.val_check_interval",
+    "--model.init_args.val_num_samples",
+    "--model.init_args.pass_at_k",
+)
+
+
+def without(options: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``options`` (``--key value`` pairs) less the pairs whose key is in ``keys``."""
+    pairs = zip(options[::2], options[1::2], strict=True)
+    return [item for key, value in pairs if key not in keys for item in (key, value)]
+
+
+def final_runs(args: argparse.Namespace, setting_: Setting, sources: list[Run]) -> list[Run]:
+    """`lit-entropy validate` of each compared run's final adapter, with ``--final-samples`` sampled answers.
+
+    It measures pass@k and answer diversity once, at the end, where sampling at every validation of the run
+    would cost too much (SmolLM2 on a CPU). Logged under ``<run>/final/validate/version_0``.
+    """
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= args.final_samples]
+    runs = []
+    for source in sources:
+        folder = source.folder / "final"
+        command = [
+            sys.executable,
+            "-m",
+            "lit_entropy",
+            "validate",
+            "--config",
+            str(ROOT / setting_.recipe),
+            "--seed_everything",
+            str(source.seed),
+            "--model.init_args.seed",
+            str(source.seed),
+            "--trainer.default_root_dir",
+            str(folder),
+            "--trainer.enable_progress_bar",
+            "false",
+            *without(setting_.options, VALIDATION_KEYS),
+            "--model.init_args.val_num_samples",
+            str(args.final_samples),
+            "--model.init_args.pass_at_k",
+            json.dumps(ks),
+            "--model.init_args.policy.adapter_path",
+            str(source.folder / "adapter"),
+        ]
+        runs.append(Run(source.label, source.knob, source.seed, folder, command))
+    return runs
+
+
+def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> None:
+    """A markdown table of the final validations: mean ± std over seeds per label, and pass@k against the
+    baseline's (the difference of the means, and whether it exceeds both labels' seed spreads)."""
+    from lit_entropy.run_log import find_metrics_csv, read_metrics
+
+    if not runs:
+        print(f"no final validations for {destination}: nothing to tabulate", file=sys.stderr)
+        return
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        metrics = read_metrics(find_metrics_csv(run.folder / "validate"))
+        for name, points in metrics.items():
+            if name.startswith("val/"):
+                values.setdefault(run.label, {}).setdefault(name, []).append(points[-1][1])
+    names = sorted({name for by_name in values.values() for name in by_name}, key=_metric_order)
+
+    def cell(numbers: list[float] | None) -> str:
+        if not numbers:
+            return "n/a"
+        if len(numbers) == 1:
+            return f"{numbers[0]:.4f}"
+        return f"{statistics.fmean(numbers):.4f} ± {statistics.stdev(numbers):.4f}"
+
+    lines = [
+        "| label | seeds | " + " | ".join(name.removeprefix("val/") for name in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for label, by_name in values.items():
+        seeds = max(len(numbers) for numbers in by_name.values())
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cell(by_name.get(name)) for name in names) + " |")
+    passes = [name for name in names if name.startswith("val/pass@")]
+    if passes and baseline in values:
+        largest = passes[-1]
+        reference = values[baseline].get(largest, [])
+        lines += [
+            "",
+            f"{largest} against {baseline}: difference of the means (spread: the larger seed std)",
+            "",
+        ]
+        for label, by_name in values.items():
+            if label == baseline or not by_name.get(largest) or not reference:
+                continue
+            ours = by_name[largest]
+            spread = max(
+                statistics.stdev(numbers) if len(numbers) > 1 else 0.0 for numbers in (ours, reference)
+            )
+            difference = statistics.fmean(ours) - statistics.fmean(reference)
+            verdict = "beyond the spread" if abs(difference) > spread else "within the spread"
+            lines.append(f"- {label}: {difference:+.4f} ({verdict}, spread {spread:.4f})")
+    destination.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    (destination / "final.md").write_text(text)
+    print(text, file=sys.stderr)
+
+
+def _metric_order(name: str) -> tuple[int, int, str]:
+    """accuracy, reward, pass@1, pass@2, ..., then the rest by name."""
+    if name.startswith("val/pass@"):
+        return (1, int(name.removeprefix("val/pass@")), name)
+    first = {"val/accuracy": -2, "val/reward": -1}
+    return (0 if name in first else 2, first.get(name, 0), name)
+
+
 def report(runs: list[Run], destination: Path, last: int) -> None:
     if not runs:
         print(f"no finished runs for {destination}: nothing to report", file=sys.stderr)
@@ -426,7 +560,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["embedded", "smollm2"], default="embedded")
-    parser.add_argument("--stage", choices=["all", "tune", "compare", "transfer", "report"], default="all")
+    parser.add_argument(
+        "--stage", choices=["all", "tune", "compare", "final", "transfer", "report"], default="all"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
     parser.add_argument(
         "--iterations", type=int, help="RL iterations per run (default: 50 embedded, 10 smollm2)"
@@ -434,6 +570,12 @@ def main() -> None:
     parser.add_argument("--transfer-iterations", type=int, help="RL iterations on the second task")
     parser.add_argument("--val-every", type=int, help="RL iterations between validations")
     parser.add_argument("--samples", type=int, help="sampled completions per validation prompt (pass@k)")
+    parser.add_argument(
+        "--final-samples",
+        type=int,
+        help="sampled answers per prompt when each final adapter is validated (pass@k; default 0 embedded, whose "
+        "runs sample at every validation, 8 smollm2; 0 = no final validation)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument(
@@ -455,6 +597,8 @@ def main() -> None:
     args.transfer_iterations = args.transfer_iterations or (20 if embedded else 6)
     args.val_every = args.val_every or (3 if embedded else 2)
     args.samples = args.samples if args.samples is not None else (16 if embedded else 0)
+    if args.final_samples is None:
+        args.final_samples = 0 if embedded else 8
     setting_ = setting(args.model, args.iterations, args.val_every, args.samples)
     out = args.out.resolve() / args.model
     out.mkdir(parents=True, exist_ok=True)
@@ -467,13 +611,17 @@ def main() -> None:
     compared = compared_runs(args, setting_, out, chosen)
     if args.stage in ("all", "compare"):
         execute_all(compared, args.jobs, setting_.threads)
+    finals = final_runs(args, setting_, [run for run in compared if run.finished()])
+    if args.stage in ("all", "final") and args.final_samples > 0:
+        execute_all(finals, args.jobs, setting_.threads)
     transferred = transfer_runs(args, setting_, out, compared)
     if args.stage in ("all", "transfer"):
         execute_all(transferred, args.jobs, setting_.threads)
     if args.stage in ("all", "report"):
-        last = 10 if embedded else 3  # the final values average the last quarter of a run
+        last = final_window(args)
         report([run for run in compared if run.finished()], out / "report", last=last)
         report([run for run in transferred if run.finished()], out / "report_transfer", last=min(last, 5))
+        final_table([run for run in finals if run.finished()], out / "report")
     print(
         f"evidence ({args.model}, stage {args.stage}): {time.perf_counter() - started:.0f} s", file=sys.stderr
     )
