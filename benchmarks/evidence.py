@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,8 +318,8 @@ def final(run: Run, name: str, last: int) -> float:
     return statistics.fmean(values[-last:])
 
 
-def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, int]:
-    """Run every variant on the tuning seed; return and save the index of the kept variant per method."""
+def tuning_runs(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, list[Run]]:
+    """Every variant of every tuned method (and the baseline) on the tuning seed, by label."""
     runs: dict[str, list[Run]] = {}
     for method in methods(args.model):
         if method.label != "GRPO" and (
@@ -343,6 +343,12 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
             )
             for index, (knob, callbacks, extra) in enumerate(method.variants)
         ]
+    return runs
+
+
+def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, int]:
+    """Run every variant on the tuning seed; return and save the index of the kept variant per method."""
+    runs = tuning_runs(args, setting_, out)
     execute_all([run for group in runs.values() for run in group], args.jobs, setting_.threads)
     last = final_window(args)
     baseline_reward = final(runs["GRPO"][0], "rollout/reward_mean", last)
@@ -611,7 +617,18 @@ def main() -> None:
     compared = compared_runs(args, setting_, out, chosen)
     if args.stage in ("all", "compare"):
         execute_all(compared, args.jobs, setting_.threads)
-    finals = final_runs(args, setting_, [run for run in compared if run.finished()])
+    # the tuning runs are validated too, as rows of their own: a variant the rule did not keep is still a
+    # measured setting (a stronger knob's pass@k, on the seed that is never reported in the comparison)
+    tuned = [
+        replace(
+            run,
+            label=f"{run.label} {run.knob} (tuning seed)" if run.label != "GRPO" else "GRPO (tuning seed)",
+        )
+        for group in tuning_runs(args, setting_, out).values()
+        for run in group
+        if run.finished()
+    ]
+    finals = final_runs(args, setting_, [run for run in compared if run.finished()] + tuned)
     if args.stage in ("all", "final") and args.final_samples > 0:
         execute_all(finals, args.jobs, setting_.threads)
     transferred = transfer_runs(args, setting_, out, compared)
