@@ -480,6 +480,7 @@ def final_runs(args: argparse.Namespace, setting_: Setting, sources: list[Run]) 
 def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> None:
     """A markdown table of the final validations: mean ± std over seeds per label, and pass@k against the
     baseline's (the difference of the means, and whether it exceeds both labels' seed spreads)."""
+    from lit_entropy.report import _cell, _mean_std
     from lit_entropy.run_log import find_metrics_csv, read_metrics
 
     if not runs:
@@ -493,12 +494,8 @@ def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> N
                 values.setdefault(run.label, {}).setdefault(name, []).append(points[-1][1])
     names = sorted({name for by_name in values.values() for name in by_name}, key=_metric_order)
 
-    def cell(numbers: list[float] | None) -> str:
-        if not numbers:
-            return "n/a"
-        if len(numbers) == 1:
-            return f"{numbers[0]:.4f}"
-        return f"{statistics.fmean(numbers):.4f} ± {statistics.stdev(numbers):.4f}"
+    def cell(numbers: list[float]) -> str:
+        return _cell(_mean_std(numbers), len(numbers))
 
     lines = [
         "| label | seeds | " + " | ".join(name.removeprefix("val/") for name in names) + " |",
@@ -506,7 +503,9 @@ def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> N
     ]
     for label, by_name in values.items():
         seeds = max(len(numbers) for numbers in by_name.values())
-        lines.append(f"| {label} | {seeds} | " + " | ".join(cell(by_name.get(name)) for name in names) + " |")
+        lines.append(
+            f"| {label} | {seeds} | " + " | ".join(cell(by_name.get(name, [])) for name in names) + " |"
+        )
     passes = [name for name in names if name.startswith("val/pass@")]
     if passes and baseline in values:
         largest = passes[-1]
@@ -519,11 +518,9 @@ def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> N
         for label, by_name in values.items():
             if label == baseline or not by_name.get(largest) or not reference:
                 continue
-            ours = by_name[largest]
-            spread = max(
-                statistics.stdev(numbers) if len(numbers) > 1 else 0.0 for numbers in (ours, reference)
-            )
-            difference = statistics.fmean(ours) - statistics.fmean(reference)
+            (ours, ours_std), (theirs, theirs_std) = _mean_std(by_name[largest]), _mean_std(reference)
+            spread = max(ours_std, theirs_std)
+            difference = ours - theirs
             verdict = "beyond the spread" if abs(difference) > spread else "within the spread"
             lines.append(f"- {label}: {difference:+.4f} ({verdict}, spread {spread:.4f})")
     destination.mkdir(parents=True, exist_ok=True)
