@@ -427,6 +427,8 @@ def transfer_runs(args: argparse.Namespace, setting_: Setting, out: Path, source
     return runs
 
 
+TUNING_SEED = "(tuning seed)"  # the suffix of a tuning run's label in the final validations
+
 VALIDATION_KEYS = (
     "--trainer.val_check_interval",
     "--model.init_args.val_num_samples",
@@ -507,20 +509,27 @@ def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> N
             f"| {label} | {seeds} | " + " | ".join(cell(by_name.get(name, [])) for name in names) + " |"
         )
     passes = [name for name in names if name.startswith("val/pass@")]
+    tuning_baseline = f"{baseline} {TUNING_SEED}"
     if passes and baseline in values:
         largest = passes[-1]
-        reference = values[baseline].get(largest, [])
         lines += [
             "",
-            f"{largest} against {baseline}: difference of the means (spread: the larger seed std)",
+            f"{largest} against {baseline} (a tuning-seed row against {tuning_baseline}): difference of the "
+            "means (spread: the larger seed std)",
             "",
         ]
         for label, by_name in values.items():
-            if label == baseline or not by_name.get(largest) or not reference:
+            # a tuning-seed row is one seed: only the baseline's run on that seed is comparable with it
+            reference_label = tuning_baseline if label.endswith(TUNING_SEED) else baseline
+            reference = values.get(reference_label, {}).get(largest, [])
+            if label in (baseline, tuning_baseline) or not by_name.get(largest) or not reference:
                 continue
             (ours, ours_std), (theirs, theirs_std) = _mean_std(by_name[largest]), _mean_std(reference)
             spread = max(ours_std, theirs_std)
             difference = ours - theirs
+            if len(by_name[largest]) == 1 and len(reference) == 1:
+                lines.append(f"- {label}: {difference:+.4f} (one seed each: no spread to judge it by)")
+                continue
             verdict = "beyond the spread" if abs(difference) > spread else "within the spread"
             lines.append(f"- {label}: {difference:+.4f} ({verdict}, spread {spread:.4f})")
     destination.mkdir(parents=True, exist_ok=True)
@@ -619,7 +628,7 @@ def main() -> None:
     tuned = [
         replace(
             run,
-            label=f"{run.label} {run.knob} (tuning seed)" if run.label != "GRPO" else "GRPO (tuning seed)",
+            label=f"{run.label} {run.knob} {TUNING_SEED}" if run.label != "GRPO" else f"GRPO {TUNING_SEED}",
         )
         for group in tuning_runs(args, setting_, out).values()
         for run in group
