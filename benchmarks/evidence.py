@@ -371,8 +371,8 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
         else:
             chosen[label] = max(range(len(group)), key=lambda i: scores[i][1])
         for i, (run, (entropy, reward)) in enumerate(zip(group, scores)):
-            mark = "kept" if i == chosen[label] else ""
-            lines.append(f"{label} {run.knob}: entropy {entropy:.4f}, reward {reward:.4f} {mark}")
+            mark = " kept" if i == chosen[label] else ""
+            lines.append(f"{label} {run.knob}: entropy {entropy:.4f}, reward {reward:.4f}{mark}")
     previous = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else {}
     chosen = {**previous, **chosen}  # a tuning of some methods (--methods) keeps the others' choices
     (out / "tuning.json").write_text(json.dumps(chosen, indent=2) + "\n")
