@@ -6,7 +6,9 @@ Five stages, each resumable (a finished run, one whose adapter was exported, is 
    The value kept is the one with the highest final entropy whose final reward is at least the baseline's
    minus ``--reward-tolerance`` on that seed (else the one with the highest reward). Written to
    ``<out>/<model>/tuning.json``.
-2. ``compare``: each method at its tuned value, and the baseline, on the reported seeds (``--seeds``).
+2. ``compare``: each method at its tuned value, and the baseline, on the reported seeds (``--seeds``); with
+   ``--all-variants``, every value of the grid (one label each). A run records its command in
+   ``command.json``; a finished run found under a different command is an error, never reused.
 3. ``final``: each compared run's final adapter validated once with ``--final-samples`` sampled answers per
    prompt (pass@k, distinct answers), for a model whose runs validate greedily only (SmolLM2 on a CPU).
 4. ``transfer``: each compared run's final adapter trained on a second task for a fixed budget (trainability
@@ -217,6 +219,9 @@ def setting(model: str, iterations: int, val_every: int, samples: int) -> Settin
     )
 
 
+COMMAND_FILE = "command.json"  # the arguments a run was started with, checked when it is found finished
+
+
 @dataclass(frozen=True)
 class Run:
     """One subprocess: a fit (finished once its adapter is exported) or a validate (once its log is written)."""
@@ -228,9 +233,31 @@ class Run:
     command: list[str]
 
     def finished(self) -> bool:
+        """Whether the run is done; a done run made by a different command (a changed grid, a changed tuning
+        choice) is an error rather than a result silently reused for another setting."""
         if self.command[3] == "validate":
-            return any((self.folder / "validate").glob("version_*/metrics.csv"))
-        return (self.folder / "adapter" / "adapter_config.json").exists()
+            done = any((self.folder / "validate").glob("version_*/metrics.csv"))
+        else:
+            done = (self.folder / "adapter" / "adapter_config.json").exists()
+        recorded = self.folder / COMMAND_FILE
+        if done and recorded.exists():
+            before = json.loads(recorded.read_text())
+            if before != self.arguments():
+                raise SystemExit(
+                    f"{self.folder} holds a finished run of a different command:\n  recorded: "
+                    f"{shlex.join(before)}\n  asked:    {shlex.join(self.arguments())}\n"
+                    "remove the folder to rerun it, or give --out another folder"
+                )
+        return done
+
+    def title(self) -> str:
+        """The label, its knob where the label does not already name it, and the seed."""
+        knob = "" if self.knob == "-" or self.knob in self.label else f" {self.knob}"
+        return f"{self.label}{knob} seed {self.seed}"
+
+    def arguments(self) -> list[str]:
+        """The command less the interpreter's path (a run's identity, wherever the environment lives)."""
+        return self.command[1:]
 
 
 def fit_command(
@@ -285,16 +312,17 @@ def execute(run: Run, threads: int) -> None:
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    print(f"[{run.label} {run.knob} seed {run.seed}] " + shlex.join(run.command), file=sys.stderr, flush=True)
+    print(f"[{run.title()}] " + shlex.join(run.command), file=sys.stderr, flush=True)
     started = time.perf_counter()
     run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / COMMAND_FILE).write_text(json.dumps(run.arguments(), indent=1) + "\n")
     with (run.folder / "fit.log").open("w") as log:
         result = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     elapsed = time.perf_counter() - started
     if result.returncode:
         tail = (run.folder / "fit.log").read_text()[-3000:]
-        raise SystemExit(f"{run.label} {run.knob} seed {run.seed} failed ({run.folder / 'fit.log'}):\n{tail}")
-    print(f"[{run.label} {run.knob} seed {run.seed}] done in {elapsed:.0f} s", file=sys.stderr, flush=True)
+        raise SystemExit(f"{run.title()} failed ({run.folder / 'fit.log'}):\n{tail}")
+    print(f"[{run.title()}] done in {elapsed:.0f} s", file=sys.stderr, flush=True)
 
 
 def execute_all(runs: list[Run], jobs: int, threads: int) -> None:
@@ -384,22 +412,30 @@ def tune(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[str, in
 def compared_runs(
     args: argparse.Namespace, setting_: Setting, out: Path, chosen: dict[str, int]
 ) -> list[Run]:
+    """Each method at its kept variant on every reported seed, under ``compare/<label>``; with
+    ``--all-variants``, its other variants too, each a label of its own (``KLCov kl_coef=4.0``) under
+    ``compare/<label>-<knob>``: a setting the tuning rule did not keep, measured on the same seeds."""
     runs = []
     for seed in args.seeds:
         for method in methods(args.model):
             if args.methods and method.label not in args.methods:
                 continue
-            knob, callbacks, extra = method.variants[chosen.get(method.label, 0)]
-            folder = out / "compare" / method.label / f"seed{seed}"
-            runs.append(
-                Run(
-                    method.label,
-                    knob,
-                    seed,
-                    folder,
-                    fit_command(setting_, folder, seed, args.iterations, callbacks, extra),
+            kept = chosen.get(method.label, 0)
+            indices = range(len(method.variants)) if args.all_variants else [kept]
+            for index in indices:
+                knob, callbacks, extra = method.variants[index]
+                label = method.label if index == kept else f"{method.label} {knob}"
+                name = method.label if index == kept else f"{method.label}-{knob}"
+                folder = out / "compare" / name / f"seed{seed}"
+                runs.append(
+                    Run(
+                        label,
+                        knob,
+                        seed,
+                        folder,
+                        fit_command(setting_, folder, seed, args.iterations, callbacks, extra),
+                    )
                 )
-            )
     return runs
 
 
@@ -597,6 +633,11 @@ def main() -> None:
         help="a tuned value may cost at most this much final reward against the baseline",
     )
     parser.add_argument("--methods", nargs="*", help="labels to compare (default: all)")
+    parser.add_argument(
+        "--all-variants",
+        action="store_true",
+        help="compare every variant of each method on the reported seeds, not only the one tuning kept",
+    )
     parser.add_argument(
         "--tuning",
         type=Path,

@@ -1,0 +1,111 @@
+"""The runs of ``benchmarks/evidence.py``: which runs a comparison holds, and that a finished run is only reused
+for the command that made it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evidence"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["evidence"]
+
+
+def compared(evidence, tmp_path: Path, all_variants: bool, chosen: dict[str, int]):
+    args = argparse.Namespace(
+        model="smollm2", seeds=[0, 1], methods=["GRPO", "KLCov"], all_variants=all_variants, iterations=8
+    )
+    setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)
+    return evidence.compared_runs(args, setting, tmp_path, chosen)
+
+
+def callbacks_of(run) -> list[dict]:
+    command = run.command
+    return (
+        json.loads(command[command.index("--trainer.callbacks") + 1])
+        if "--trainer.callbacks" in command
+        else []
+    )
+
+
+def test_compare_holds_the_kept_variant_and_with_all_variants_every_one(evidence, tmp_path):
+    kept_only = compared(evidence, tmp_path, all_variants=False, chosen={"KLCov": 1})
+    assert [(run.label, run.seed) for run in kept_only] == [
+        ("GRPO", 0),
+        ("KLCov", 0),
+        ("GRPO", 1),
+        ("KLCov", 1),
+    ]
+    klcov = kept_only[1]
+    assert klcov.folder == tmp_path / "compare" / "KLCov" / "seed0"
+    assert callbacks_of(klcov)[0]["init_args"]["kl_coef"] == 4.0  # variant 1 of the grid (1.0, 4.0)
+
+    every = compared(evidence, tmp_path, all_variants=True, chosen={"KLCov": 1})
+    by_label = {(run.label, run.seed): run for run in every}
+    assert sorted(by_label) == sorted(
+        [(label, seed) for label in ("GRPO", "KLCov", "KLCov kl_coef=1.0") for seed in (0, 1)]
+    )
+    other = by_label[("KLCov kl_coef=1.0", 1)]
+    assert other.folder == tmp_path / "compare" / "KLCov-kl_coef=1.0" / "seed1"
+    assert callbacks_of(other)[0]["init_args"]["kl_coef"] == 1.0
+    assert (
+        "--seed_everything" in other.command
+        and other.command[other.command.index("--seed_everything") + 1] == "1"
+    )
+    # the kept variant keeps its folder, so runs made before --all-variants are found again
+    assert by_label[("KLCov", 0)].folder == klcov.folder
+    assert callbacks_of(by_label[("KLCov", 0)]) == callbacks_of(klcov)
+
+
+def test_a_finished_run_of_another_command_is_an_error_not_a_result(evidence, tmp_path):
+    folder = tmp_path / "compare" / "KLCov" / "seed0"
+    asked = evidence.Run(
+        "KLCov", "kl_coef=1.0", 0, folder, [sys.executable, "-c", "pass", "fit", "kl_coef=1.0"]
+    )
+    evidence.execute(asked, threads=1)  # a command that exits 0 and exports nothing: started, not finished
+    assert json.loads((folder / evidence.COMMAND_FILE).read_text()) == asked.command[1:]
+    assert not asked.finished()
+
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    assert asked.finished()
+    # the same arguments under another interpreter's path are the same run
+    assert evidence.Run(
+        "KLCov", "kl_coef=1.0", 0, folder, ["/elsewhere/python", *asked.command[1:]]
+    ).finished()
+
+    changed = evidence.Run(
+        "KLCov", "kl_coef=4.0", 0, folder, [sys.executable, "-c", "pass", "fit", "kl_coef=4.0"]
+    )
+    with pytest.raises(SystemExit, match="different command") as error:
+        changed.finished()
+    assert str(folder) in str(error.value) and "kl_coef=4.0" in str(error.value)
+
+
+def test_a_finished_run_without_a_recorded_command_is_reused(evidence, tmp_path):
+    folder = tmp_path / "run"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    assert evidence.Run("GRPO", "-", 0, folder, [sys.executable, "-m", "lit_entropy", "fit"]).finished()
+
+
+def test_a_run_title_names_the_knob_once(evidence, tmp_path):
+    assert (
+        evidence.Run("KLCov kl_coef=4.0", "kl_coef=4.0", 1, tmp_path, []).title()
+        == "KLCov kl_coef=4.0 seed 1"
+    )
+    assert evidence.Run("KLCov", "kl_coef=1.0", 2, tmp_path, []).title() == "KLCov kl_coef=1.0 seed 2"
+    assert evidence.Run("GRPO", "-", 0, tmp_path, []).title() == "GRPO seed 0"
