@@ -442,7 +442,7 @@ def compared_runs(
 def transfer_runs(args: argparse.Namespace, setting_: Setting, out: Path, sources: list[Run]) -> list[Run]:
     runs = []
     for source in sources:
-        folder = out / "transfer" / source.label / f"seed{source.seed}"
+        folder = out / "transfer" / source.folder.parent.name / f"seed{source.seed}"  # compare's folder name
         runs.append(
             Run(
                 source.label,

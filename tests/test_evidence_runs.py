@@ -68,6 +68,14 @@ def test_compare_holds_the_kept_variant_and_with_all_variants_every_one(evidence
     # the kept variant keeps its folder, so runs made before --all-variants are found again
     assert by_label[("KLCov", 0)].folder == klcov.folder
     assert callbacks_of(by_label[("KLCov", 0)]) == callbacks_of(klcov)
+    # a variant's transfer run sits under its compare folder's name and starts from its adapter
+    args = argparse.Namespace(transfer_iterations=6)
+    setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)
+    transferred = {run.folder: run for run in evidence.transfer_runs(args, setting, tmp_path, [other])}
+    run = transferred[tmp_path / "transfer" / "KLCov-kl_coef=1.0" / "seed1"]
+    assert run.command[run.command.index("--model.init_args.policy.adapter_path") + 1] == str(
+        other.folder / "adapter"
+    )
 
 
 def test_a_finished_run_of_another_command_is_an_error_not_a_result(evidence, tmp_path):
