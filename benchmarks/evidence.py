@@ -414,17 +414,18 @@ def compared_runs(
 ) -> list[Run]:
     """Each method at its kept variant on every reported seed, under ``compare/<label>``; with
     ``--all-variants``, its other variants too, each a label of its own (``KLCov kl_coef=4.0``) under
-    ``compare/<label>-<knob>``: a setting the tuning rule did not keep, measured on the same seeds."""
+    ``compare/<label>-<knob>``: a setting the tuning rule did not keep, measured on the same seeds.
+    ``--methods`` names methods (``KLCov``) or single variants (``KLCov kl_coef=4.0``)."""
     runs = []
     for seed in args.seeds:
         for method in methods(args.model):
-            if args.methods and method.label not in args.methods:
-                continue
             kept = chosen.get(method.label, 0)
-            indices = range(len(method.variants)) if args.all_variants else [kept]
-            for index in indices:
-                knob, callbacks, extra = method.variants[index]
+            for index, (knob, callbacks, extra) in enumerate(method.variants):
                 label = method.label if index == kept else f"{method.label} {knob}"
+                named = bool(args.methods) and label in args.methods
+                method_wanted = not args.methods or method.label in args.methods
+                if not (named or (method_wanted and (index == kept or args.all_variants))):
+                    continue
                 name = method.label if index == kept else f"{method.label}-{knob}"
                 folder = out / "compare" / name / f"seed{seed}"
                 runs.append(
@@ -632,7 +633,11 @@ def main() -> None:
         default=0.03,
         help="a tuned value may cost at most this much final reward against the baseline",
     )
-    parser.add_argument("--methods", nargs="*", help="labels to compare (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        help="methods to compare (KLCov), or single variants of them ('KLCov kl_coef=4.0'); default: all",
+    )
     parser.add_argument(
         "--all-variants",
         action="store_true",

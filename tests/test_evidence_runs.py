@@ -24,9 +24,9 @@ def evidence():
     del sys.modules["evidence"]
 
 
-def compared(evidence, tmp_path: Path, all_variants: bool, chosen: dict[str, int]):
+def compared(evidence, tmp_path: Path, all_variants: bool, chosen: dict[str, int], names=("GRPO", "KLCov")):
     args = argparse.Namespace(
-        model="smollm2", seeds=[0, 1], methods=["GRPO", "KLCov"], all_variants=all_variants, iterations=8
+        model="smollm2", seeds=[0, 1], methods=list(names), all_variants=all_variants, iterations=8
     )
     setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)
     return evidence.compared_runs(args, setting, tmp_path, chosen)
@@ -76,6 +76,25 @@ def test_compare_holds_the_kept_variant_and_with_all_variants_every_one(evidence
     assert run.command[run.command.index("--model.init_args.policy.adapter_path") + 1] == str(
         other.folder / "adapter"
     )
+
+
+def test_methods_name_a_single_variant_and_default_to_every_kept_one(evidence, tmp_path):
+    one = compared(
+        evidence, tmp_path, all_variants=False, chosen={"KLCov": 0}, names=("GRPO", "KLCov kl_coef=4.0")
+    )
+    assert [(run.label, run.seed) for run in one] == [
+        ("GRPO", 0),
+        ("KLCov kl_coef=4.0", 0),
+        ("GRPO", 1),
+        ("KLCov kl_coef=4.0", 1),
+    ]
+    assert callbacks_of(one[1])[0]["init_args"]["kl_coef"] == 4.0
+
+    everything = compared(evidence, tmp_path, all_variants=False, chosen={"KLCov": 1}, names=())
+    labels = [run.label for run in everything if run.seed == 0]
+    assert labels == [method.label for method in evidence.methods("smollm2")]  # one kept variant per method
+    klcov = next(run for run in everything if run.label == "KLCov")
+    assert callbacks_of(klcov)[0]["init_args"]["kl_coef"] == 4.0
 
 
 def test_a_finished_run_of_another_command_is_an_error_not_a_result(evidence, tmp_path):
