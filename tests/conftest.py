@@ -1,8 +1,11 @@
-"""Shared fixtures: a character tokenizer and a tiny random Qwen2 model saved to disk, all offline."""
+"""Shared fixtures: a character tokenizer and a tiny random Qwen2 model saved to disk, all offline; the
+``benchmarks/evidence.py`` script loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # Set before transformers/datasets are imported by any test module: they read these at import time.
@@ -15,6 +18,8 @@ import pytest  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from lit_entropy.demo import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Sizes of the model in ``tiny_model_dir`` (about 36k parameters, so every test can afford it).
 TINY_HIDDEN_SIZE = 32
@@ -54,3 +59,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, char_tokenizer: Pre
     # A fresh instance: the shared one carries the padding state of its last call into tokenizer.json.
     build_char_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    """``benchmarks/evidence.py`` (a script, not a package module) imported for its functions."""
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evidence"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["evidence"]
