@@ -312,7 +312,9 @@ def execute(run: Run, threads: int) -> None:
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    print(f"[{run.title()}] " + shlex.join(run.command), file=sys.stderr, flush=True)
+    # one write per line (message and newline together): two runs at a time must not interleave their lines
+    sys.stderr.write(f"[{run.title()}] {shlex.join(run.command)}\n")
+    sys.stderr.flush()
     started = time.perf_counter()
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / COMMAND_FILE).write_text(json.dumps(run.arguments(), indent=1) + "\n")
@@ -322,7 +324,8 @@ def execute(run: Run, threads: int) -> None:
     if result.returncode:
         tail = (run.folder / "fit.log").read_text()[-3000:]
         raise SystemExit(f"{run.title()} failed ({run.folder / 'fit.log'}):\n{tail}")
-    print(f"[{run.title()}] done in {elapsed:.0f} s", file=sys.stderr, flush=True)
+    sys.stderr.write(f"[{run.title()}] done in {elapsed:.0f} s\n")
+    sys.stderr.flush()
 
 
 def execute_all(runs: list[Run], jobs: int, threads: int) -> None:
