@@ -4,19 +4,23 @@ For each prompt the policy answers once greedily (``<stage>/accuracy``: the firs
 when ``num_samples > 0``, samples ``num_samples`` completions: ``<stage>/reward`` (their mean total reward),
 ``<stage>/pass@k`` (the unbiased estimator over those samples; a sample is correct when the first reward
 function gives it >= 1.0), ``<stage>/distinct_correct`` (different correct answers per prompt) and
-``<stage>/distinct_answers`` (different answers per prompt, right or wrong).
+``<stage>/distinct_answers`` (different answers per prompt, right or wrong), all three counting completion
+texts; and where the first reward function reads final answers (its ``answer_of``),
+``<stage>/distinct_final_answers`` (different final answers per prompt: "12" and "The answer is 12." are one).
 
 torchmetrics' ``MeanMetric`` keeps sums and counts, so the epoch values are exact over batches and ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_entropy.errors import ConfigError
-from lit_entropy.evaluation import distinct_answers, distinct_correct, pass_at_k
+from lit_entropy.evaluation import distinct_answers, distinct_correct, distinct_final_answers, pass_at_k
 
 
 class StageMetrics(torch.nn.Module):
@@ -45,6 +49,7 @@ class StageMetrics(torch.nn.Module):
         self.pass_at_k = torch.nn.ModuleDict({str(k): MeanMetric() for k in self.ks})
         self.distinct = MeanMetric()
         self.distinct_answers = MeanMetric()
+        self.distinct_final_answers = MeanMetric()
 
     def update_greedy(self, first_reward: Tensor) -> dict[str, MeanMetric]:
         """Add the greedy answers' ``[B]`` first-reward values; returns the metrics to log, by name."""
@@ -52,9 +57,14 @@ class StageMetrics(torch.nn.Module):
         return {f"{self.stage}/accuracy": self.accuracy}
 
     def update_sampled(
-        self, total_reward: Tensor, first_reward: Tensor, completions: list[str]
+        self,
+        total_reward: Tensor,
+        first_reward: Tensor,
+        completions: list[str],
+        answer_of: Callable[[str], str | None] | None = None,
     ) -> dict[str, MeanMetric]:
-        """Add ``B * num_samples`` sampled completions (prompt-major): their ``[B*n]`` total and first rewards."""
+        """Add ``B * num_samples`` sampled completions (prompt-major): their ``[B*n]`` total and first rewards;
+        ``answer_of`` (the first reward function's answer reader, if it has one) for the distinct final answers."""
         n = self.num_samples
         self.reward.update(total_reward)
         correct = (first_reward >= 1.0).view(-1, n)  # [B, n]
@@ -72,6 +82,13 @@ class StageMetrics(torch.nn.Module):
         answers = [distinct_answers(completions[i * n : (i + 1) * n]) for i in range(len(correct))]
         self.distinct_answers.update(torch.tensor(answers, dtype=torch.float32))
         logged[f"{self.stage}/distinct_answers"] = self.distinct_answers
+        if answer_of is not None:
+            finals = [
+                distinct_final_answers(completions[i * n : (i + 1) * n], answer_of)
+                for i in range(len(correct))
+            ]
+            self.distinct_final_answers.update(torch.tensor(finals, dtype=torch.float32))
+            logged[f"{self.stage}/distinct_final_answers"] = self.distinct_final_answers
         return logged
 
 

@@ -12,17 +12,21 @@ coefficients overflows for realistic ``n`` if formed directly; it is the product
 ``distinct_correct`` counts how many *different* correct answers the samples hold: entropy collapse shows up
 there before accuracy moves (the policy keeps one answer per prompt and pass@k for large ``k`` stops growing).
 ``distinct_answers`` counts the different answers among all samples, right or wrong: token entropy can stay
-high (hesitation spread over filler tokens) while the policy gives the same answer every time.
+high (hesitation spread over filler tokens) while the policy gives the same answer every time. Both compare
+completion *texts*, so "12" and "The answer is 12." count twice; ``distinct_final_answers`` compares the final
+answers a reward function reads from the texts (its ``answer_of``), so they count once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lit_entropy.errors import ConfigError, DataError
 
-__all__ = ["distinct_answers", "distinct_correct", "pass_at_k"]
+__all__ = ["distinct_answers", "distinct_correct", "distinct_final_answers", "pass_at_k"]
 
 
 def pass_at_k(num_samples: int, num_correct: int | Tensor, k: int) -> float | Tensor:
@@ -114,3 +118,16 @@ def distinct_answers(completions: list[str]) -> int:
         ``len({c.strip() for c in completions})``; 0 for no completions.
     """
     return len({text.strip() for text in completions})
+
+
+def distinct_final_answers(completions: list[str], answer_of: Callable[[str], str | None]) -> int:
+    """The number of distinct final answers among ``completions``, as ``answer_of`` reads them.
+
+    Args:
+        completions: the texts sampled for one prompt.
+        answer_of: reads a completion's final answer; ``None`` when it gives none.
+
+    Returns:
+        ``len({answer_of(c) for c in completions} - {None})``: a completion without an answer is not one.
+    """
+    return len({answer_of(text) for text in completions} - {None})

@@ -64,6 +64,7 @@ from lit_entropy.resumable_checkpoint import warn_inexact_checkpoints
 from lit_entropy.reward_forms import completion_token_ids
 from lit_entropy.reward_scorer import RewardResult, RewardScorer
 from lit_entropy.reward_spec import Reward
+from lit_entropy.rewards import answer_reader
 from lit_entropy.rollout import Rollout, Sampling, SequenceBatch, generate_rollout
 from lit_entropy.shutdown import CheckpointOnSigterm
 from lit_entropy.vllm_options import VLLMOptions
@@ -599,7 +600,12 @@ class GRPO(LightningModule):
         if self.val_num_samples > 0:
             sampled = self.generate(batch, num_samples=self.val_num_samples)
             scores = self._score(sampled)
-            logged = metrics.update_sampled(scores.total, scores.per_function[first], sampled.completions)
+            logged = metrics.update_sampled(
+                scores.total,
+                scores.per_function[first],
+                sampled.completions,
+                answer_of=answer_reader(self.reward_scorer.functions[0]),
+            )
             for name, metric in logged.items():
                 self.log(name, metric, on_epoch=True, batch_size=len(batch))
 

@@ -18,6 +18,12 @@ the demo task ``lit_entropy.demo.countdown.countdown_reward`` and
 These are in the per-completion form except ``soft_overlong_penalty``; TRL's batched form works for any
 function (`lit_entropy.reward_forms`).
 
+A reward function may name how it reads a completion's final answer: an ``answer_of`` attribute, a function
+``completion -> answer or None`` (:func:`answer_reader` looks it up). Validation uses it to count *distinct
+final answers* ("12" and "The answer is 12." are one answer). ``exact_match``, ``numeric_match``,
+``last_number_match`` and the demo's ``countdown_reward`` have one; a custom function gets one by
+``my_reward.answer_of = my_parser``.
+
 A config entry is a `lit_entropy.reward_spec.Reward`; `lit_entropy.reward_scorer.RewardScorer` combines the
 functions into one weighted reward per completion.
 """
@@ -33,6 +39,7 @@ from typing import Any
 __all__ = [
     "RewardFunction",
     "answer_format",
+    "answer_reader",
     "exact_match",
     "extract_last_number",
     "extract_numeric_answer",
@@ -178,6 +185,43 @@ def last_number_match(completion: str, example: Mapping[str, Any]) -> float:
     if predicted is None:
         return 0.0
     return 1.0 if _answers_equal(predicted, _reference_answer(example["answer"])) else 0.0
+
+
+def _number_key(answer: str | None) -> str | None:
+    # one key per value: "12", "12.0" and "12.00" are the same answer; other text is kept as written
+    if answer is None or not _NUMBER_RE.fullmatch(answer):
+        return answer
+    return repr(float(answer))
+
+
+def _stripped(completion: str) -> str:
+    return completion.strip()
+
+
+def _marked_number(completion: str) -> str | None:
+    return _number_key(extract_numeric_answer(completion))
+
+
+def _last_number(completion: str) -> str | None:
+    return _number_key(extract_last_number(completion))
+
+
+exact_match.answer_of = _stripped  # type: ignore[attr-defined]
+numeric_match.answer_of = _marked_number  # type: ignore[attr-defined]
+last_number_match.answer_of = _last_number  # type: ignore[attr-defined]
+
+
+def answer_reader(reward: Callable[..., Any]) -> Callable[[str], str | None] | None:
+    """The function that reads a completion's final answer for ``reward`` (its ``answer_of``), or ``None``.
+
+    Args:
+        reward: A reward function (or callable object).
+
+    Returns:
+        ``reward.answer_of`` when it is callable, else ``None`` (no final-answer count for this reward).
+    """
+    reader = getattr(reward, "answer_of", None)
+    return reader if callable(reader) else None
 
 
 def answer_format(completion: str, example: Mapping[str, Any]) -> float:

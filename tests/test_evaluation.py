@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from lit_entropy.demo.countdown import countdown_reward
 from lit_entropy.errors import ConfigError, DataError
-from lit_entropy.evaluation import distinct_answers, distinct_correct, pass_at_k
+from lit_entropy.evaluation import distinct_answers, distinct_correct, distinct_final_answers, pass_at_k
+from lit_entropy.rewards import answer_reader, exact_match, last_number_match, numeric_match
 
 
 def closed_form(n: int, c: int, k: int) -> float:
@@ -117,3 +119,31 @@ def test_distinct_answers_counts_stripped_texts_right_or_wrong():
     assert distinct_answers([" 3+4 ", "3+4", "4+3", "7", "wrong", "4+3\n"]) == 4
     assert distinct_answers(["same"] * 5) == 1
     assert distinct_answers([]) == 0
+
+
+def test_distinct_final_answers_count_what_the_reward_reads_not_the_text():
+    texts = ["12", "The answer is 12.", "7 + 5 = 12.0", " 13 ", "13", "no idea"]
+    # texts: 6 distinct (5 after stripping: " 13 " and "13" are one); final answers: {12, 13}; "no idea" has none
+    assert distinct_answers(texts) == 5
+    assert distinct_final_answers(texts, answer_reader(last_number_match)) == 2
+    assert distinct_final_answers(["no idea", "none"], answer_reader(last_number_match)) == 0
+    assert distinct_final_answers([], answer_reader(last_number_match)) == 0
+
+
+def test_answer_readers_of_the_built_in_rewards():
+    assert answer_reader(numeric_match)("so #### 1,200") == answer_reader(numeric_match)("\\boxed{1200.0}")
+    assert answer_reader(numeric_match)("12, no marker") is None
+    assert answer_reader(exact_match)(" 3+4\n") == "3+4"
+    # a countdown answer is its expression: two expressions of one value are two solutions
+    assert answer_reader(countdown_reward)("3+4") != answer_reader(countdown_reward)("4+3")
+
+
+def test_a_reward_without_a_reader_has_none():
+    def custom(completion: str, example: dict) -> float:
+        return 0.0
+
+    assert answer_reader(custom) is None
+    custom.answer_of = "not callable"  # type: ignore[attr-defined]
+    assert answer_reader(custom) is None
+    custom.answer_of = str.upper  # type: ignore[attr-defined]
+    assert answer_reader(custom) is str.upper

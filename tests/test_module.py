@@ -509,6 +509,38 @@ def lowercase_start(completion: str, example: dict) -> float:
     return 1.0 if completion[:1].islower() else 0.0
 
 
+ANSWERED: list[str] = []  # the completions `first_character` was asked to read
+
+
+def first_character(completion: str) -> str | None:
+    ANSWERED.append(completion)
+    return completion[:1] or None
+
+
+def lowercase_start_read(completion: str, example: dict) -> float:
+    """`lowercase_start` with an answer reader: a completion's final answer is its first character."""
+    return lowercase_start(completion, example)
+
+
+lowercase_start_read.answer_of = first_character  # type: ignore[attr-defined]
+
+
+def test_validate_counts_the_first_rewards_final_answers(tiny_model_dir, tmp_path):
+    seed_everything(0)
+    ANSWERED.clear()
+    module = _module(
+        tiny_model_dir, tmp_path, rewards=[_reward("lowercase_start_read")], val_num_samples=8, pass_at_k=[1]
+    )
+    data = _data()
+    results = _trainer(tmp_path, max_steps=1, limit_val_batches=None).validate(module, datamodule=data)[0]
+    # independent: the read completions, 8 per prompt in order, their distinct first characters averaged
+    assert len(ANSWERED) == 8 * len(data.val_rows)
+    groups = [ANSWERED[i : i + 8] for i in range(0, len(ANSWERED), 8)]
+    expected = sum(len({text[:1] for text in group if text}) for group in groups) / len(groups)
+    assert results["val/distinct_final_answers"] == pytest.approx(expected)
+    assert results["val/distinct_final_answers"] <= results["val/distinct_answers"]
+
+
 def test_validate_logs_pass_at_k_and_distinct_correct(tiny_model_dir, tmp_path):
     seed_everything(0)
     module = _module(
