@@ -218,9 +218,12 @@ def answer_reader(reward: Callable[..., Any]) -> Callable[[str], str | None] | N
         reward: A reward function (or callable object).
 
     Returns:
-        ``reward.answer_of`` when it is callable, else ``None`` (no final-answer count for this reward).
+        ``reward.answer_of`` when it is callable (for a ``functools.partial``, its function's), else ``None``
+        (no final-answer count for this reward).
     """
     reader = getattr(reward, "answer_of", None)
+    if reader is None and isinstance(reward, functools.partial):
+        reader = getattr(reward.func, "answer_of", None)
     return reader if callable(reader) else None
 
 

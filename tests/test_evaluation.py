@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -147,3 +148,7 @@ def test_a_reward_without_a_reader_has_none():
     assert answer_reader(custom) is None
     custom.answer_of = str.upper  # type: ignore[attr-defined]
     assert answer_reader(custom) is str.upper
+    # a partial of a reward reads answers as the reward does
+    assert answer_reader(functools.partial(last_number_match, example={"answer": 1})) is answer_reader(
+        last_number_match
+    )
