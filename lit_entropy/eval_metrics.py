@@ -73,20 +73,15 @@ class StageMetrics(torch.nn.Module):
         for k in self.ks:
             self.pass_at_k[str(k)].update(pass_at_k(n, num_correct, k))
             logged[f"{self.stage}/pass@{k}"] = self.pass_at_k[str(k)]
-        distinct = [
-            distinct_correct(completions[i * n : (i + 1) * n], correct[i].tolist())
-            for i in range(len(correct))
-        ]
+        groups = [completions[i * n : (i + 1) * n] for i in range(len(correct))]  # one prompt's samples each
+        distinct = [distinct_correct(group, flags) for group, flags in zip(groups, correct.tolist())]
         self.distinct.update(torch.tensor(distinct, dtype=torch.float32))
         logged[f"{self.stage}/distinct_correct"] = self.distinct
-        answers = [distinct_answers(completions[i * n : (i + 1) * n]) for i in range(len(correct))]
+        answers = [distinct_answers(group) for group in groups]
         self.distinct_answers.update(torch.tensor(answers, dtype=torch.float32))
         logged[f"{self.stage}/distinct_answers"] = self.distinct_answers
         if answer_of is not None:
-            finals = [
-                distinct_final_answers(completions[i * n : (i + 1) * n], answer_of)
-                for i in range(len(correct))
-            ]
+            finals = [distinct_final_answers(group, answer_of) for group in groups]
             self.distinct_final_answers.update(torch.tensor(finals, dtype=torch.float32))
             logged[f"{self.stage}/distinct_final_answers"] = self.distinct_final_answers
         return logged

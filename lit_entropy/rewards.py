@@ -194,10 +194,6 @@ def _number_key(answer: str | None) -> str | None:
     return repr(float(answer))
 
 
-def _stripped(completion: str) -> str:
-    return completion.strip()
-
-
 def _marked_number(completion: str) -> str | None:
     return _number_key(extract_numeric_answer(completion))
 
@@ -206,7 +202,7 @@ def _last_number(completion: str) -> str | None:
     return _number_key(extract_last_number(completion))
 
 
-exact_match.answer_of = _stripped  # type: ignore[attr-defined]
+exact_match.answer_of = str.strip  # type: ignore[attr-defined]
 numeric_match.answer_of = _marked_number  # type: ignore[attr-defined]
 last_number_match.answer_of = _last_number  # type: ignore[attr-defined]
 
