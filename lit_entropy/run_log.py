@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ Series = list[tuple[int, float]]
 # --- reading logs --------------------------------------------------------------------------------------
 
 
-def find_metrics_csv(run_dir: Path) -> Path:
+def find_metrics_csv(run_dir: str | os.PathLike[str]) -> Path:
     """The newest training ``metrics.csv`` under ``run_dir`` (by modification time, then ``version_N``, then path).
 
     A ``metrics.csv`` without a ``train/entropy`` column (the log of a ``validate``, ``test`` or ``predict`` run
@@ -51,6 +52,7 @@ def find_metrics_csv(run_dir: Path) -> Path:
     Raises:
         DataError: ``run_dir`` is not a folder or holds no ``metrics.csv``.
     """
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run folder {str(run_dir)!r} does not exist")
     found = sorted(run_dir.glob("**/metrics.csv"), key=_newest_key)
@@ -146,7 +148,7 @@ class RunLog:
         return [value for _, value in self.metrics.get(name, [])]
 
 
-def load_run(run_dir: Path, label: str | None = None) -> RunLog:
+def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunLog:
     """Read the newest ``metrics.csv`` under ``run_dir`` and label it (``label``, else from ``config.yaml``).
 
     ``config.yaml`` is looked for next to ``metrics.csv``, then in its parents up to ``run_dir``; without one
@@ -155,6 +157,7 @@ def load_run(run_dir: Path, label: str | None = None) -> RunLog:
     Raises:
         DataError: no ``metrics.csv``, no ``train/entropy`` in it, or an unreadable ``config.yaml``.
     """
+    run_dir = Path(run_dir)
     path = find_metrics_csv(run_dir)
     metrics = read_metrics(path)
     if ENTROPY not in metrics:

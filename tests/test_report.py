@@ -251,6 +251,13 @@ def test_newest_metrics_file_is_used(run_dirs):
     assert find_metrics_csv(run_dirs[0]).parent.name == "version_1"
 
 
+def test_a_run_folder_may_be_given_as_a_string(run_dirs):
+    from_path = load_run(run_dirs[0])
+    from_string = load_run(str(run_dirs[0]))
+    assert from_string.path == from_path.path == find_metrics_csv(str(run_dirs[0]))
+    assert from_string.values("train/entropy") == from_path.values("train/entropy")
+
+
 def test_config_label():
     assert config_label({}) == "GRPO"
     assert config_label({"trainer": {"callbacks": None}}) == "GRPO"
