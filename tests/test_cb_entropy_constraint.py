@@ -97,6 +97,9 @@ def test_dual_ascent_step_by_hand_and_clamps():
     assert dual_ascent_step(0.2, 0.4, 0.5, 10.0) == pytest.approx(0.4)  # 0.2 + 0.5 * 0.4
     assert dual_ascent_step(0.1, -1.0, 1.0, 10.0) == 0.0  # 0.1 - 1 < 0: clamped at 0
     assert dual_ascent_step(0.4, 1.0, 1.0, 0.5) == 0.5  # 0.4 + 1 > 0.5: clamped at lambda_max
+    # two-sided: the lower bound is -lambda_max, so the multiplier goes negative and clamps there
+    assert dual_ascent_step(0.1, -1.0, 1.0, 10.0, -10.0) == pytest.approx(-0.9)  # 0.1 - 1
+    assert dual_ascent_step(-0.4, -1.0, 1.0, 0.5, -0.5) == -0.5  # -1.4 < -0.5: clamped
 
 
 def test_log_dual_ascent_step_by_hand_and_cap():
@@ -140,6 +143,8 @@ def test_constraint_term_shares_sum_to_the_minibatch_value():
         ({"lambda_init": 11.0}, r"lambda_init=11.0 must be in \[0, lambda_max=10.0\]"),
         ({"lambda_init": -0.5}, r"lambda_init=-0.5 must be in \[0"),
         ({"log_space": True}, r"lambda_init=0.0 must be > 0 with log_space=True"),
+        ({"two_sided": True, "log_space": True, "lambda_init": 1.0}, r"two_sided=True .* log_space=True"),
+        ({"two_sided": True, "lambda_init": -11.0}, r"lambda_init=-11.0 must be in \[-10, lambda_max=10.0\]"),
     ],
 )
 def test_construction_errors_name_the_argument_and_value(kwargs, message):
@@ -163,7 +168,13 @@ def test_constructible_from_yaml_and_schedule_validated_by_the_cli(tmp_path, mon
         path = tmp_path / f"{schedule}.yaml"
         callback = {
             "class_path": "lit_entropy.callbacks.entropy_constraint.EntropyConstraint",
-            "init_args": {"target_start": 0.9, "target_end": 0.3, "schedule": schedule, "relative": True},
+            "init_args": {
+                "target_start": 0.9,
+                "target_end": 0.3,
+                "schedule": schedule,
+                "relative": True,
+                "two_sided": True,
+            },
         }
         path.write_text(
             yaml.safe_dump(
@@ -185,7 +196,7 @@ def test_constructible_from_yaml_and_schedule_validated_by_the_cli(tmp_path, mon
     cli = LitEntropyCLI(args=["--config", str(config("cosine"))], run=False)
     [constraint] = [c for c in cli.trainer.callbacks if isinstance(c, EntropyConstraint)]
     assert (constraint.target_start, constraint.target_end, constraint.schedule) == (0.9, 0.3, "cosine")
-    assert constraint.relative
+    assert constraint.relative and constraint.two_sided
     with pytest.raises(SystemExit):  # the Literal rejects an unknown schedule before construction
         LitEntropyCLI(args=["--config", str(config("sawtooth"))], run=False)
 
@@ -257,6 +268,36 @@ def test_dual_ascent_over_three_iterations_by_hand_with_logs():
     assert all(
         kwargs == {"on_step": True, "on_epoch": False, "batch_size": 1} for _, _, kwargs in module.logged
     )
+
+
+def test_two_sided_multiplier_turns_negative_above_target_and_clamps():
+    constraint = EntropyConstraint(
+        target_start=1.0, lr_lambda=1.0, lambda_init=0.2, lambda_max=0.5, two_sided=True
+    )
+    module = FakeModule()
+    _end_iteration(constraint, module, 1.5)  # 0.2 + (1 - 1.5) = -0.3: allowed below 0
+    assert constraint.multiplier == pytest.approx(-0.3)
+    _end_iteration(constraint, module, 2.0)  # -0.3 - 1 = -1.3 -> -0.5
+    assert constraint.multiplier == -0.5
+    _end_iteration(constraint, module, 0.8)  # -0.5 + 0.2 = -0.3
+    assert constraint.multiplier == pytest.approx(-0.3)
+    assert module.last("reg/EntropyConstraint/lambda") == pytest.approx(-0.3)
+    # The one-sided constraint given the same entropies stays at 0, then rises to 0.2.
+    one_sided = EntropyConstraint(target_start=1.0, lr_lambda=1.0, lambda_init=0.2, lambda_max=0.5)
+    for entropy in (1.5, 2.0, 0.8):
+        _end_iteration(one_sided, module, entropy)
+    assert one_sided.multiplier == pytest.approx(0.2)
+
+
+def test_two_sided_term_with_negative_lambda_lowers_entropy():
+    # lambda = -0.5, target 1, H_mean 3 (kept entropies 1, 2 | 3, 4, 5): -0.5 * (1 - 3) = 1.0, and the gradient
+    # per kept token is -lambda / 5 = +0.1, so a descent step lowers every kept entropy.
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]], requires_grad=True)
+    constraint = EntropyConstraint(target_start=1.0, lambda_init=-0.5, two_sided=True)
+    term = constraint.adjust(_toy_view(entropy=entropy)).loss_terms["constraint"]
+    assert term.item() == pytest.approx(1.0)
+    term.backward()
+    assert torch.allclose(entropy.grad, torch.tensor([[0.1, 0.1, 0.0], [0.1, 0.1, 0.1]]))
 
 
 def test_multiplier_clamps_at_zero_and_lambda_max():
@@ -340,6 +381,20 @@ def test_state_dict_round_trip_and_mismatched_log_space():
     assert term.item() == constraint.adjust(_toy_view()).loss_terms["constraint"].item()
     with pytest.raises(ConfigError, match=r"state lacks 'log_lambda'.*log_space setting \(now True\)"):
         EntropyConstraint(lambda_init=1.0, log_space=True).load_state_dict(state)
+
+
+def test_a_negative_multiplier_does_not_load_into_a_one_sided_constraint():
+    two_sided = EntropyConstraint(target_start=0.5, lr_lambda=1.0, two_sided=True)
+    _end_iteration(two_sided, FakeModule(), 1.5)  # 0 + (0.5 - 1.5) = -1
+    state = two_sided.state_dict()
+    assert state["lambda"] == pytest.approx(-1.0)
+    restored = EntropyConstraint(target_start=0.5, lr_lambda=1.0, two_sided=True)
+    restored.load_state_dict(state)
+    assert restored.multiplier == pytest.approx(-1.0)
+    with pytest.raises(
+        ConfigError, match=r"lambda=-1.0 < 0, which only two_sided=True reaches \(now False\)"
+    ):
+        EntropyConstraint(target_start=0.5, lr_lambda=1.0).load_state_dict(state)
 
 
 def test_missing_entropy_in_outputs_is_an_error_naming_it():

@@ -8,7 +8,9 @@ violation measured on that iteration's rollout::
     lambda <- clamp(lambda + lr_lambda * (H_target(t) - H_measured), 0, lambda_max)
 
 so ``lambda`` grows while entropy is below target and decays to 0 once it is above: the term acts only when
-needed. The target follows a schedule from ``target_start`` to ``target_end`` over ``decay_steps`` RL
+needed. With ``two_sided=True`` the constraint is the equality ``H_mean = H_target(t)``: ``lambda`` is clamped
+to ``[-lambda_max, lambda_max]``, and a negative ``lambda`` pulls entropy that overshot the target back down.
+The target follows a schedule from ``target_start`` to ``target_end`` over ``decay_steps`` RL
 iterations, in nats or as fractions of the entropy measured on the first iteration.
 
 Shapes: ``n`` sequences in the micro-batch, ``T`` completion length. Entropies in nats.
@@ -88,19 +90,23 @@ def scheduled_target(start: float, end: float, step: int, decay_steps: int, sche
     return start * (end / start) ** fraction
 
 
-def dual_ascent_step(multiplier: float, violation: float, lr: float, multiplier_max: float) -> float:
-    """One projected dual-ascent step: ``clamp(multiplier + lr * violation, 0, multiplier_max)``.
+def dual_ascent_step(
+    multiplier: float, violation: float, lr: float, multiplier_max: float, multiplier_min: float = 0.0
+) -> float:
+    """One projected dual-ascent step: ``clamp(multiplier + lr * violation, multiplier_min, multiplier_max)``.
 
     Args:
-        multiplier: current ``lambda`` (>= 0).
+        multiplier: current ``lambda``.
         violation: ``H_target - H_measured`` in nats (positive while entropy is below target).
         lr: dual step size (nats^-1: ``lambda`` is dimensionless per nat of violation).
         multiplier_max: upper bound of ``lambda``.
+        multiplier_min: lower bound of ``lambda``: 0 for the inequality ``H >= H_target``,
+            ``-multiplier_max`` for the equality ``H = H_target``.
 
     Returns:
         The new ``lambda``.
     """
-    return min(max(multiplier + lr * violation, 0.0), multiplier_max)
+    return min(max(multiplier + lr * violation, multiplier_min), multiplier_max)
 
 
 def log_dual_ascent_step(log_multiplier: float, violation: float, lr: float, multiplier_max: float) -> float:
@@ -137,11 +143,12 @@ def constraint_term(entropy_share: Tensor, kept_share: Tensor, target: float, mu
         entropy_share: scalar, ``view.token_mean(view.entropy)`` (nats, with gradient through the entropy).
         kept_share: scalar, ``view.token_mean(ones)``.
         target: ``H_target`` in nats.
-        multiplier: ``lambda`` (>= 0).
+        multiplier: ``lambda`` (< 0 only for the two-sided constraint).
 
     Returns:
         Scalar loss term; its gradient with respect to the entropy of a kept token is
-        ``-lambda / num_tokens``, so a descent step raises the entropy.
+        ``-lambda / num_tokens``, so a descent step raises the entropy while ``lambda > 0`` and lowers it
+        while ``lambda < 0``.
     """
     return multiplier * (target * kept_share - entropy_share)
 
@@ -158,6 +165,11 @@ class EntropyConstraint(Regularizer):
     ``H_measured`` is the rollout's mean token entropy that the module returns (``outputs["entropy"]``,
     already synchronised across ranks, so every rank takes the same step). Then the schedule position ``t``
     (RL iterations done) advances.
+
+    Two-sided (``two_sided=True``): the equality ``H_mean = H_target(t)``. ``lambda`` may fall to
+    ``-lambda_max``; below 0 the term penalises entropy above the target. The one-sided constraint only
+    lets ``lambda`` decay to 0 once entropy is above target, and nothing then stops entropy that keeps
+    rising on its own.
 
     Relative targets (``relative=True``): ``target_start`` / ``target_end`` are fractions of the entropy
     measured on the first RL iteration. Until that measurement exists (during the first iteration) the target
@@ -186,8 +198,10 @@ class EntropyConstraint(Regularizer):
         relative: targets are fractions of the entropy measured on the first iteration.
         lr_lambda: dual step size (per nat of violation; on ``log lambda`` with ``log_space``).
         lambda_init: initial multiplier (> 0 with ``log_space``).
-        lambda_max: upper bound of the multiplier.
+        lambda_max: upper bound of the multiplier (and ``-lambda_max`` its lower bound if ``two_sided``).
         log_space: ascend on ``log lambda`` (SAC style) instead of ``lambda``.
+        two_sided: hold entropy at the target, from above as well as from below (``lambda`` may be
+            negative); not with ``log_space``, whose ``lambda`` is always > 0.
     """
 
     needs_entropy_grad = True
@@ -203,6 +217,7 @@ class EntropyConstraint(Regularizer):
         lambda_init: float = 0.0,
         lambda_max: float = 10.0,
         log_space: bool = False,
+        two_sided: bool = False,
     ) -> None:
         end = target_start if target_end is None else target_end
         _check_finite(target_start=target_start, target_end=end, lr_lambda=lr_lambda)
@@ -230,9 +245,15 @@ class EntropyConstraint(Regularizer):
             raise ConfigError(f"EntropyConstraint lr_lambda={lr_lambda} must be >= 0")
         if lambda_max < 0:
             raise ConfigError(f"EntropyConstraint lambda_max={lambda_max} must be >= 0")
-        if not 0 <= lambda_init <= lambda_max:
+        if two_sided and log_space:
             raise ConfigError(
-                f"EntropyConstraint lambda_init={lambda_init} must be in [0, lambda_max={lambda_max}]"
+                "EntropyConstraint two_sided=True needs a multiplier that can be negative; log_space=True "
+                "keeps lambda > 0: choose one"
+            )
+        lowest = -lambda_max if two_sided else 0.0
+        if not lowest <= lambda_init <= lambda_max:
+            raise ConfigError(
+                f"EntropyConstraint lambda_init={lambda_init} must be in [{lowest:g}, lambda_max={lambda_max}]"
             )
         if log_space and lambda_init <= 0:
             raise ConfigError(
@@ -248,6 +269,7 @@ class EntropyConstraint(Regularizer):
         self.lambda_init = float(lambda_init)
         self.lambda_max = float(lambda_max)
         self.log_space = log_space
+        self.two_sided = two_sided
         # state: changed only in on_train_batch_end
         self._lambda = float(lambda_init)
         self._log_lambda = math.log(lambda_init) if log_space else 0.0
@@ -256,7 +278,7 @@ class EntropyConstraint(Regularizer):
 
     @property
     def multiplier(self) -> float:
-        """The current ``lambda`` (>= 0)."""
+        """The current ``lambda`` (>= 0, or in ``[-lambda_max, lambda_max]`` if ``two_sided``)."""
         return math.exp(self._log_lambda) if self.log_space else self._lambda
 
     def target(self, step: int | None = None) -> float | None:
@@ -301,7 +323,8 @@ class EntropyConstraint(Regularizer):
                 self._log_lambda, violation, self.lr_lambda, self.lambda_max
             )
         else:
-            self._lambda = dual_ascent_step(self._lambda, violation, self.lr_lambda, self.lambda_max)
+            lowest = -self.lambda_max if self.two_sided else 0.0
+            self._lambda = dual_ascent_step(self._lambda, violation, self.lr_lambda, self.lambda_max, lowest)
         self.step += 1
         self.log_state(pl_module, {"lambda": self.multiplier, "target": target, "violation": violation})
 
@@ -323,6 +346,11 @@ class EntropyConstraint(Regularizer):
             self._log_lambda = float(state_dict["log_lambda"])
         else:
             self._lambda = float(state_dict["lambda"])
+            if self._lambda < 0 and not self.two_sided:
+                raise ConfigError(
+                    f"{self.name} state has lambda={self._lambda} < 0, which only two_sided=True reaches "
+                    "(now False): resume with the setting the run was saved with"
+                )
         self.step = int(state_dict["step"])
         initial = state_dict["initial_entropy"]
         self.initial_entropy = None if initial is None else float(initial)
