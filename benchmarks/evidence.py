@@ -56,14 +56,16 @@ class Method:
     """One method of the comparison: its label, and its variants, one per value of its main knob.
 
     Each variant is ``(knob value as text, callbacks, extra command-line options)``; the first is the
-    papers' default. A method with one variant is not tuned.
+    papers' default. A method with one variant is not tuned, nor is one that takes another method's kept
+    variant (``tuned_as``: a switch on that method, compared at the same knob value).
     """
 
     label: str
     variants: list[tuple[str, list[dict], list[str]]] = field(default_factory=list)
+    tuned_as: str | None = None
 
 
-def entropy_constraint(label: str, initial: float, **options: object) -> Method:
+def entropy_constraint(label: str, initial: float, tuned_as: str | None = None, **options: object) -> Method:
     """The constraint's grid: targets scheduled from 0.8 to 0.5 and from 0.9 to 0.7 of ``initial`` nats."""
     return Method(
         label,
@@ -89,6 +91,7 @@ def entropy_constraint(label: str, initial: float, **options: object) -> Method:
                 (round(0.9 * initial, 2), round(0.7 * initial, 2)),
             )
         ],
+        tuned_as,
     )
 
 
@@ -104,8 +107,11 @@ def methods(model: str) -> list[Method]:
             [(f"eps_high={e}", [], ["--model.init_args.loss.eps_high", str(e)]) for e in (0.28, 0.4)],
         ),
         entropy_constraint("EntropyConstraint", initial),
-        # held at the target from above too: the one-sided constraint overshoots on SmolLM2
-        entropy_constraint("EntropyConstraint-two-sided", initial, two_sided=True),
+        # held at the target from above too (the one-sided constraint overshoots on SmolLM2), at the target the
+        # one-sided constraint's tuning kept: the two labels differ by the switch alone
+        entropy_constraint(
+            "EntropyConstraint-two-sided", initial, tuned_as="EntropyConstraint", two_sided=True
+        ),
         Method(
             "ClipCov",
             [(f"ratio={r}", [callback("ClipCov", ratio=r, cov_lb=0.0, cov_ub=5.0)], []) for r in (0.02, 0.1)],
@@ -364,7 +370,9 @@ def tuning_runs(args: argparse.Namespace, setting_: Setting, out: Path) -> dict[
     runs: dict[str, list[Run]] = {}
     for method in methods(args.model):
         if method.label != "GRPO" and (
-            len(method.variants) == 1 or (args.methods and method.label not in args.methods)
+            len(method.variants) == 1
+            or method.tuned_as
+            or (args.methods and method.label not in args.methods)
         ):
             continue
         runs[method.label] = [
@@ -432,7 +440,7 @@ def compared_runs(
     runs = []
     for seed in args.seeds:
         for method in methods(args.model):
-            kept = chosen.get(method.label, 0)
+            kept = chosen.get(method.tuned_as or method.label, 0)
             for index, (knob, callbacks, extra) in enumerate(method.variants):
                 label = method.label if index == kept else f"{method.label} {knob}"
                 named = bool(args.methods) and label in args.methods

@@ -123,3 +123,18 @@ def test_a_run_title_names_the_knob_once(evidence, tmp_path):
     )
     assert evidence.Run("KLCov", "kl_coef=1.0", 2, tmp_path, []).title() == "KLCov kl_coef=1.0 seed 2"
     assert evidence.Run("GRPO", "-", 0, tmp_path, []).title() == "GRPO seed 0"
+
+
+def test_a_switch_on_a_method_is_compared_at_that_methods_kept_target_and_not_tuned(evidence, tmp_path):
+    names = ("EntropyConstraint", "EntropyConstraint-two-sided")
+    for kept in (0, 1):
+        runs = compared(
+            evidence, tmp_path, all_variants=False, chosen={"EntropyConstraint": kept}, names=names
+        )
+        one_sided, two_sided = (callbacks_of(run)[0]["init_args"] for run in runs[:2])
+        assert [run.label for run in runs[:2]] == list(names)
+        assert two_sided == {**one_sided, "two_sided": True}  # the same target, the switch on
+        assert runs[1].folder == tmp_path / "compare" / "EntropyConstraint-two-sided" / "seed0"
+    args = argparse.Namespace(model="smollm2", methods=list(names), tune_seed=100, iterations=8)
+    setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)
+    assert sorted(evidence.tuning_runs(args, setting, tmp_path)) == ["EntropyConstraint", "GRPO"]
