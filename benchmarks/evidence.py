@@ -537,6 +537,29 @@ def final_runs(args: argparse.Namespace, setting_: Setting, sources: list[Run]) 
     return runs
 
 
+def validated_runs(args: argparse.Namespace, tuned: dict[str, list[Run]], compared: list[Run]) -> list[Run]:
+    """The finished runs whose final adapters are validated: the compared ones, then the tuning ones.
+
+    The tuning runs are rows of their own: a variant the rule did not keep is still a measured setting (a
+    stronger knob's pass@k, on the seed that is never reported). A run on the tuning seed, compared or tuned,
+    is labelled as such, so that the table sets it against the baseline's run on that seed alone.
+    """
+    on_tuning_seed = [
+        replace(run, label=f"{run.label} {TUNING_SEED}") if run.seed == args.tune_seed else run
+        for run in compared
+        if run.finished()
+    ]
+    return on_tuning_seed + [
+        replace(
+            run,
+            label=f"{run.label} {run.knob} {TUNING_SEED}" if run.label != "GRPO" else f"GRPO {TUNING_SEED}",
+        )
+        for group in tuned.values()
+        for run in group
+        if run.finished()
+    ]
+
+
 def final_table(runs: list[Run], destination: Path, baseline: str = "GRPO") -> None:
     """A markdown table of the final validations: mean ± std over seeds per label, and pass@k against the
     baseline's (the difference of the means, and whether it exceeds both labels' seed spreads)."""
@@ -690,18 +713,7 @@ def main() -> None:
     compared = compared_runs(args, setting_, out, chosen)
     if args.stage in ("all", "compare"):
         execute_all(compared, args.jobs, setting_.threads)
-    # the tuning runs are validated too, as rows of their own: a variant the rule did not keep is still a
-    # measured setting (a stronger knob's pass@k, on the seed that is never reported in the comparison)
-    tuned = [
-        replace(
-            run,
-            label=f"{run.label} {run.knob} {TUNING_SEED}" if run.label != "GRPO" else f"GRPO {TUNING_SEED}",
-        )
-        for group in tuning_runs(args, setting_, out).values()
-        for run in group
-        if run.finished()
-    ]
-    finals = final_runs(args, setting_, [run for run in compared if run.finished()] + tuned)
+    finals = final_runs(args, setting_, validated_runs(args, tuning_runs(args, setting_, out), compared))
     if args.stage in ("all", "final") and args.final_samples > 0:
         execute_all(finals, args.jobs, setting_.threads)
     transferred = transfer_runs(args, setting_, out, compared)

@@ -138,3 +138,28 @@ def test_a_switch_on_a_method_is_compared_at_that_methods_kept_target_and_not_tu
     args = argparse.Namespace(model="smollm2", methods=list(names), tune_seed=100, iterations=8)
     setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)
     assert sorted(evidence.tuning_runs(args, setting, tmp_path)) == ["EntropyConstraint", "GRPO"]
+
+
+def test_a_compared_run_on_the_tuning_seed_is_validated_as_a_tuning_seed_row(evidence, tmp_path):
+    def run(label: str, knob: str, seed: int, name: str, finished: bool = True):
+        folder = tmp_path / name
+        if finished:
+            (folder / "adapter").mkdir(parents=True)
+            (folder / "adapter" / "adapter_config.json").write_text("{}")
+        return evidence.Run(label, knob, seed, folder, [sys.executable, "-m", "lit_entropy", "fit"])
+
+    compared = [
+        run("EntropyConstraint", "target=0.66->0.41", 0, "a"),
+        run("EntropyConstraint target=0.74->0.57", "target=0.74->0.57", 100, "b"),
+        run("EntropyConstraint", "target=0.66->0.41", 1, "c", finished=False),
+    ]
+    tuned = {"GRPO": [run("GRPO", "-", 100, "d")], "ClipCov": [run("ClipCov", "ratio=0.1", 100, "e")]}
+    args = argparse.Namespace(tune_seed=100)
+    labels = [run.label for run in evidence.validated_runs(args, tuned, compared)]
+    tuning = evidence.TUNING_SEED
+    assert labels == [
+        "EntropyConstraint",
+        f"EntropyConstraint target=0.74->0.57 {tuning}",  # set against GRPO on seed 100, not on seeds 0-2
+        f"GRPO {tuning}",
+        f"ClipCov ratio=0.1 {tuning}",
+    ]
