@@ -250,10 +250,10 @@ class EntropyConstraint(Regularizer):
                 "EntropyConstraint two_sided=True needs a multiplier that can be negative; log_space=True "
                 "keeps lambda > 0: choose one"
             )
-        lowest = -lambda_max if two_sided else 0.0
-        if not lowest <= lambda_init <= lambda_max:
+        lambda_min = -lambda_max if two_sided else 0.0
+        if not lambda_min <= lambda_init <= lambda_max:
             raise ConfigError(
-                f"EntropyConstraint lambda_init={lambda_init} must be in [{lowest:g}, lambda_max={lambda_max}]"
+                f"EntropyConstraint lambda_init={lambda_init} must be in [{lambda_min:g}, lambda_max={lambda_max}]"
             )
         if log_space and lambda_init <= 0:
             raise ConfigError(
@@ -270,6 +270,7 @@ class EntropyConstraint(Regularizer):
         self.lambda_max = float(lambda_max)
         self.log_space = log_space
         self.two_sided = two_sided
+        self.lambda_min = float(lambda_min)  # the dual step's lower bound: 0, or -lambda_max if two_sided
         # state: changed only in on_train_batch_end
         self._lambda = float(lambda_init)
         self._log_lambda = math.log(lambda_init) if log_space else 0.0
@@ -323,8 +324,9 @@ class EntropyConstraint(Regularizer):
                 self._log_lambda, violation, self.lr_lambda, self.lambda_max
             )
         else:
-            lowest = -self.lambda_max if self.two_sided else 0.0
-            self._lambda = dual_ascent_step(self._lambda, violation, self.lr_lambda, self.lambda_max, lowest)
+            self._lambda = dual_ascent_step(
+                self._lambda, violation, self.lr_lambda, self.lambda_max, self.lambda_min
+            )
         self.step += 1
         self.log_state(pl_module, {"lambda": self.multiplier, "target": target, "violation": violation})
 
@@ -345,12 +347,13 @@ class EntropyConstraint(Regularizer):
         if self.log_space:
             self._log_lambda = float(state_dict["log_lambda"])
         else:
-            self._lambda = float(state_dict["lambda"])
-            if self._lambda < 0 and not self.two_sided:
+            saved = float(state_dict["lambda"])
+            if saved < 0 and not self.two_sided:  # checked before any state changes
                 raise ConfigError(
-                    f"{self.name} state has lambda={self._lambda} < 0, which only two_sided=True reaches "
+                    f"{self.name} state has lambda={saved} < 0, which only two_sided=True reaches "
                     "(now False): resume with the setting the run was saved with"
                 )
+            self._lambda = saved
         self.step = int(state_dict["step"])
         initial = state_dict["initial_entropy"]
         self.initial_entropy = None if initial is None else float(initial)
