@@ -66,7 +66,8 @@ class Method:
 
 
 def entropy_constraint(label: str, initial: float, tuned_as: str | None = None, **options: object) -> Method:
-    """The constraint's grid: targets scheduled from 0.8 to 0.5 and from 0.9 to 0.7 of ``initial`` nats."""
+    """The constraint's grid: targets scheduled from 0.8 to 0.5 and from 0.9 to 0.7 of ``initial`` nats;
+    ``options`` add to or replace the constraint's other arguments."""
     return Method(
         label,
         [
@@ -75,13 +76,15 @@ def entropy_constraint(label: str, initial: float, tuned_as: str | None = None, 
                 [
                     callback(
                         "EntropyConstraint",
-                        target_start=start,
-                        target_end=end,
-                        schedule="linear",
-                        decay_steps=25,
-                        lr_lambda=0.5,
-                        lambda_max=10.0,
-                        **options,
+                        **{
+                            "target_start": start,
+                            "target_end": end,
+                            "schedule": "linear",
+                            "decay_steps": 25,
+                            "lr_lambda": 0.5,
+                            "lambda_max": 10.0,
+                            **options,
+                        },
                     )
                 ],
                 [],
@@ -111,6 +114,17 @@ def methods(model: str) -> list[Method]:
         # one-sided constraint's tuning kept: the two labels differ by the switch alone
         entropy_constraint(
             "EntropyConstraint-two-sided", initial, tuned_as="EntropyConstraint", two_sided=True
+        ),
+        # the two-sided constraint with a proportional-integral multiplier (PID Lagrangian, Stooke et al. 2020):
+        # both dual-ascent forms lag the entropy by 2-3 iterations and overshoot; half the integral gain, and a
+        # proportional term that follows the violation at once. One setting of the gains, not tuned.
+        entropy_constraint(
+            "EntropyConstraint-PI",
+            initial,
+            tuned_as="EntropyConstraint",
+            two_sided=True,
+            lr_lambda=0.25,
+            lambda_kp=1.0,
         ),
         Method(
             "ClipCov",

@@ -21,6 +21,7 @@ from lit_entropy.callbacks.entropy_constraint import (
     constraint_term,
     dual_ascent_step,
     log_dual_ascent_step,
+    proportional_integral_multiplier,
     scheduled_target,
 )
 from lit_entropy.cli import LitEntropyCLI
@@ -145,6 +146,9 @@ def test_constraint_term_shares_sum_to_the_minibatch_value():
         ({"log_space": True}, r"lambda_init=0.0 must be > 0 with log_space=True"),
         ({"two_sided": True, "log_space": True, "lambda_init": 1.0}, r"two_sided=True .* log_space=True"),
         ({"two_sided": True, "lambda_init": -11.0}, r"lambda_init=-11.0 must be in \[-10, lambda_max=10.0\]"),
+        ({"lambda_kp": -1.0}, r"lambda_kp=-1.0 must be >= 0"),
+        ({"lambda_kp": float("inf")}, r"lambda_kp=inf must be a finite number"),
+        ({"lambda_kp": 1.0, "log_space": True, "lambda_init": 1.0}, r"lambda_kp=1.0 .* log_space=True"),
     ],
 )
 def test_construction_errors_name_the_argument_and_value(kwargs, message):
@@ -298,6 +302,70 @@ def test_two_sided_term_with_negative_lambda_lowers_entropy():
     assert term.item() == pytest.approx(1.0)
     term.backward()
     assert torch.allclose(entropy.grad, torch.tensor([[0.1, 0.1, 0.0], [0.1, 0.1, 0.1]]))
+
+
+def test_proportional_integral_multiplier_by_hand():
+    assert proportional_integral_multiplier(0.2, 0.3, 2.0, 0.0, 10.0) == pytest.approx(0.8)
+    assert proportional_integral_multiplier(0.2, -0.5, 2.0, 0.0, 10.0) == 0.0  # -0.8, clamped at the floor
+    assert proportional_integral_multiplier(0.2, -0.5, 2.0, -10.0, 10.0) == pytest.approx(-0.8)
+    assert proportional_integral_multiplier(0.2, 3.0, 4.0, 0.0, 10.0) == 10.0  # 12.2, clamped
+    assert proportional_integral_multiplier(0.2, 0.7, 0.0, 0.0, 10.0) == 0.2  # no gain: the integral
+
+
+def test_proportional_integral_constraint_over_three_iterations_by_hand():
+    constraint = EntropyConstraint(
+        target_start=1.0, lr_lambda=0.5, lambda_kp=2.0, lambda_max=5.0, two_sided=True
+    )
+    module = FakeModule()
+    # measured 0.6, 1.5, 1.1 against target 1:
+    # it 0: violation 0.4, integral 0 + 0.5 * 0.4 = 0.2, lambda 0.2 + 2 * 0.4 = 1.0
+    # it 1: violation -0.5, integral 0.2 - 0.25 = -0.05, lambda -0.05 - 1.0 = -1.05
+    # it 2: violation -0.1, integral -0.05 - 0.05 = -0.1, lambda -0.1 - 0.2 = -0.3
+    expected = [(0.4, 0.2, 1.0), (-0.5, -0.05, -1.05), (-0.1, -0.1, -0.3)]
+    for entropy, (violation, integral, lam) in zip([0.6, 1.5, 1.1], expected):
+        _end_iteration(constraint, module, entropy)
+        assert constraint.multiplier == pytest.approx(lam)
+        assert module.last("reg/EntropyConstraint/lambda") == pytest.approx(lam)
+        assert module.last("reg/EntropyConstraint/lambda_integral") == pytest.approx(integral)
+        assert module.last("reg/EntropyConstraint/violation") == pytest.approx(violation)
+    # The term uses the whole multiplier: H_mean of the toy view is 3, so -0.3 * (1 - 3) = 0.6.
+    assert constraint.adjust(_toy_view()).loss_terms["constraint"].item() == pytest.approx(0.6)
+    # Plain dual ascent on the same entropies ends at the integral alone, and logs no integral part.
+    plain = EntropyConstraint(target_start=1.0, lr_lambda=0.5, lambda_max=5.0, two_sided=True)
+    plain_module = FakeModule()
+    for entropy in (0.6, 1.5, 1.1):
+        _end_iteration(plain, plain_module, entropy)
+    assert plain.multiplier == pytest.approx(-0.1)
+    assert not any(key.endswith("lambda_integral") for key, _, _ in plain_module.logged)
+
+
+def test_one_sided_proportional_term_is_clamped_at_zero_without_touching_the_integral():
+    constraint = EntropyConstraint(target_start=1.0, lr_lambda=1.0, lambda_kp=1.0, lambda_init=0.5)
+    module = FakeModule()
+    _end_iteration(constraint, module, 1.2)  # integral 0.5 - 0.2 = 0.3, lambda 0.3 - 0.2 = 0.1
+    assert constraint.multiplier == pytest.approx(0.1)
+    _end_iteration(constraint, module, 2.0)  # integral 0.3 - 1 -> 0, lambda 0 - 1 -> 0
+    assert constraint.multiplier == 0.0
+    _end_iteration(constraint, module, 0.7)  # integral 0 + 0.3, lambda 0.3 + 0.3 = 0.6
+    assert constraint.multiplier == pytest.approx(0.6)
+    assert module.last("reg/EntropyConstraint/lambda_integral") == pytest.approx(0.3)
+
+
+def test_proportional_state_round_trip_and_a_state_saved_without_it():
+    constraint = EntropyConstraint(target_start=1.0, lr_lambda=0.5, lambda_kp=2.0)
+    _end_iteration(constraint, FakeModule(), 0.6)  # integral 0.2, violation 0.4, lambda 1.0
+    state = constraint.state_dict()
+    assert state == pytest.approx({"lambda": 0.2, "step": 1, "initial_entropy": None, "violation": 0.4})
+    restored = EntropyConstraint(target_start=1.0, lr_lambda=0.5, lambda_kp=2.0)
+    restored.load_state_dict(state)
+    assert restored.multiplier == pytest.approx(1.0)
+    _end_iteration(restored, FakeModule(), 0.9)
+    _end_iteration(constraint, FakeModule(), 0.9)
+    assert restored.state_dict() == constraint.state_dict()
+    plain_state = EntropyConstraint(target_start=1.0).state_dict()
+    assert "violation" not in plain_state
+    with pytest.raises(ConfigError, match=r"state lacks 'violation'.*lambda_kp=0 \(now 2.0\)"):
+        EntropyConstraint(target_start=1.0, lambda_kp=2.0).load_state_dict(plain_state)
 
 
 def test_multiplier_clamps_at_zero_and_lambda_max():

@@ -126,14 +126,15 @@ def test_a_run_title_names_the_knob_once(evidence, tmp_path):
 
 
 def test_a_switch_on_a_method_is_compared_at_that_methods_kept_target_and_not_tuned(evidence, tmp_path):
-    names = ("EntropyConstraint", "EntropyConstraint-two-sided")
+    names = ("EntropyConstraint", "EntropyConstraint-two-sided", "EntropyConstraint-PI")
     for kept in (0, 1):
         runs = compared(
             evidence, tmp_path, all_variants=False, chosen={"EntropyConstraint": kept}, names=names
         )
-        one_sided, two_sided = (callbacks_of(run)[0]["init_args"] for run in runs[:2])
-        assert [run.label for run in runs[:2]] == list(names)
+        one_sided, two_sided, pi = (callbacks_of(run)[0]["init_args"] for run in runs[:3])
+        assert [run.label for run in runs[:3]] == list(names)
         assert two_sided == {**one_sided, "two_sided": True}  # the same target, the switch on
+        assert pi == {**two_sided, "lr_lambda": 0.25, "lambda_kp": 1.0}  # and the gains replaced
         assert runs[1].folder == tmp_path / "compare" / "EntropyConstraint-two-sided" / "seed0"
     args = argparse.Namespace(model="smollm2", methods=list(names), tune_seed=100, iterations=8)
     setting = evidence.setting("smollm2", iterations=8, val_every=2, samples=0)

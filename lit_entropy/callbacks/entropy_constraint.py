@@ -10,6 +10,10 @@ violation measured on that iteration's rollout::
 so ``lambda`` grows while entropy is below target and decays to 0 once it is above: the term acts only when
 needed. With ``two_sided=True`` the constraint is the equality ``H_mean = H_target(t)``: ``lambda`` is clamped
 to ``[-lambda_max, lambda_max]``, and a negative ``lambda`` pulls entropy that overshot the target back down.
+With ``lambda_kp > 0`` the multiplier is a proportional-integral controller (the PID Lagrangian of Stooke et
+al., 2020, without its derivative term): the dual-ascent variable above is the integral part, and the loss
+uses ``clamp(lambda + lambda_kp * violation, lambda_min, lambda_max)``, which follows the last measured
+violation at once instead of accumulating it.
 The target follows a schedule from ``target_start`` to ``target_end`` over ``decay_steps`` RL
 iterations, in nats or as fractions of the entropy measured on the first iteration.
 
@@ -37,6 +41,7 @@ __all__ = [
     "constraint_term",
     "dual_ascent_step",
     "log_dual_ascent_step",
+    "proportional_integral_multiplier",
     "scheduled_target",
 ]
 
@@ -109,6 +114,29 @@ def dual_ascent_step(
     return min(max(multiplier + lr * violation, multiplier_min), multiplier_max)
 
 
+def proportional_integral_multiplier(
+    integral: float, violation: float, kp: float, multiplier_min: float, multiplier_max: float
+) -> float:
+    """The multiplier of a proportional-integral dual update: ``clamp(integral + kp * violation, min, max)``.
+
+    Stooke, Achiam and Abbeel (2020), "Responsive Safety in Reinforcement Learning by PID Lagrangian Methods":
+    pure dual ascent is an integral controller, and its multiplier lags the constraint it acts on; the
+    proportional term ``kp * violation`` moves the multiplier with the violation measured now. The integral
+    part is the projected dual-ascent variable (`dual_ascent_step`), so it cannot wind up beyond the bounds.
+
+    Args:
+        integral: the dual-ascent variable (already within the bounds).
+        violation: ``H_target - H_measured`` of the last iteration, nats.
+        kp: proportional gain (per nat of violation, >= 0); 0 gives ``integral`` back.
+        multiplier_min: lower bound (0, or ``-multiplier_max`` for the two-sided constraint).
+        multiplier_max: upper bound.
+
+    Returns:
+        The multiplier the loss uses.
+    """
+    return min(max(integral + kp * violation, multiplier_min), multiplier_max)
+
+
 def log_dual_ascent_step(log_multiplier: float, violation: float, lr: float, multiplier_max: float) -> float:
     """The same ascent on ``log lambda``, as SAC tunes its temperature: ``log_lambda += lr * violation``.
 
@@ -171,6 +199,10 @@ class EntropyConstraint(Regularizer):
     lets ``lambda`` decay to 0 once entropy is above target, and nothing then stops entropy that keeps
     rising on its own.
 
+    Proportional-integral (``lambda_kp > 0``): the loss uses ``clamp(lambda_I + lambda_kp * violation,
+    lambda_min, lambda_max)``, where ``lambda_I`` is the dual-ascent variable and ``violation`` the one the
+    last iteration measured (see `proportional_integral_multiplier`). Not with ``log_space``.
+
     Relative targets (``relative=True``): ``target_start`` / ``target_end`` are fractions of the entropy
     measured on the first RL iteration. Until that measurement exists (during the first iteration) the target
     is undefined and the term is 0; the first dual step already uses the measured entropy and the target
@@ -180,10 +212,12 @@ class EntropyConstraint(Regularizer):
     the rank's mini-batch token mean (like the policy loss, normalised by ``view.num_tokens``: a global token
     count there makes it exact), and the dual step uses the synchronised ``outputs["entropy"]``.
 
-    State (``state_dict``): ``lambda`` (or ``log_lambda`` with ``log_space``), ``step`` (RL iterations done,
-    the schedule position) and ``initial_entropy`` (nats, None until measured).
+    State (``state_dict``): ``lambda`` (or ``log_lambda`` with ``log_space``; the integral part if
+    ``lambda_kp > 0``), ``step`` (RL iterations done, the schedule position), ``initial_entropy`` (nats, None
+    until measured), and with ``lambda_kp > 0`` the last ``violation`` (None until measured).
 
-    Logs ``reg/EntropyConstraint/lambda`` (after the step: the value the next iteration uses), ``target`` and
+    Logs ``reg/EntropyConstraint/lambda`` (after the step: the value the next iteration uses; with
+    ``lambda_kp > 0`` also its integral part, ``lambda_integral``), ``target`` and
     ``violation`` (``target - measured``, nats) of the iteration that just ended, and, averaged over
     micro-batches, ``entropy`` (the micro-batch token-mean entropy the term acted on); the term itself is
     ``train/term/EntropyConstraint/constraint``.
@@ -202,6 +236,8 @@ class EntropyConstraint(Regularizer):
         log_space: ascend on ``log lambda`` (SAC style) instead of ``lambda``.
         two_sided: hold entropy at the target, from above as well as from below (``lambda`` may be
             negative); not with ``log_space``, whose ``lambda`` is always > 0.
+        lambda_kp: proportional gain of the multiplier (per nat of violation); 0, the default, is plain dual
+            ascent. Not with ``log_space``.
     """
 
     needs_entropy_grad = True
@@ -218,10 +254,11 @@ class EntropyConstraint(Regularizer):
         lambda_max: float = 10.0,
         log_space: bool = False,
         two_sided: bool = False,
+        lambda_kp: float = 0.0,
     ) -> None:
         end = target_start if target_end is None else target_end
         _check_finite(target_start=target_start, target_end=end, lr_lambda=lr_lambda)
-        _check_finite(lambda_init=lambda_init, lambda_max=lambda_max)
+        _check_finite(lambda_init=lambda_init, lambda_max=lambda_max, lambda_kp=lambda_kp)
         if schedule not in get_args(Schedule):
             raise ConfigError(
                 f"EntropyConstraint schedule={schedule!r} is not one of {list(get_args(Schedule))}"
@@ -250,6 +287,13 @@ class EntropyConstraint(Regularizer):
                 "EntropyConstraint two_sided=True needs a multiplier that can be negative; log_space=True "
                 "keeps lambda > 0: choose one"
             )
+        if lambda_kp < 0:
+            raise ConfigError(f"EntropyConstraint lambda_kp={lambda_kp} must be >= 0")
+        if lambda_kp > 0 and log_space:
+            raise ConfigError(
+                f"EntropyConstraint lambda_kp={lambda_kp} adds a proportional term to lambda itself; "
+                "log_space=True ascends on log(lambda): choose one"
+            )
         lambda_min = -lambda_max if two_sided else 0.0
         if not lambda_min <= lambda_init <= lambda_max:
             raise ConfigError(
@@ -271,16 +315,25 @@ class EntropyConstraint(Regularizer):
         self.log_space = log_space
         self.two_sided = two_sided
         self.lambda_min = float(lambda_min)  # the dual step's lower bound: 0, or -lambda_max if two_sided
+        self.lambda_kp = float(lambda_kp)
         # state: changed only in on_train_batch_end
-        self._lambda = float(lambda_init)
+        self._lambda = float(lambda_init)  # the dual-ascent variable: the integral part if lambda_kp > 0
+        self._violation: float | None = None  # the last iteration's, for the proportional term
         self._log_lambda = math.log(lambda_init) if log_space else 0.0
         self.step = 0
         self.initial_entropy: float | None = None
 
     @property
     def multiplier(self) -> float:
-        """The current ``lambda`` (>= 0, or in ``[-lambda_max, lambda_max]`` if ``two_sided``)."""
-        return math.exp(self._log_lambda) if self.log_space else self._lambda
+        """The current ``lambda`` (>= 0, or in ``[-lambda_max, lambda_max]`` if ``two_sided``): the one the
+        loss uses, proportional and integral parts together if ``lambda_kp > 0``."""
+        if self.log_space:
+            return math.exp(self._log_lambda)
+        if self.lambda_kp == 0 or self._violation is None:
+            return self._lambda
+        return proportional_integral_multiplier(
+            self._lambda, self._violation, self.lambda_kp, self.lambda_min, self.lambda_max
+        )
 
     def target(self, step: int | None = None) -> float | None:
         """The target in nats at schedule position ``step`` (default: now); None while a relative target's
@@ -327,13 +380,18 @@ class EntropyConstraint(Regularizer):
             self._lambda = dual_ascent_step(
                 self._lambda, violation, self.lr_lambda, self.lambda_max, self.lambda_min
             )
+        self._violation = violation
         self.step += 1
-        self.log_state(pl_module, {"lambda": self.multiplier, "target": target, "violation": violation})
+        state = {"lambda": self.multiplier, "target": target, "violation": violation}
+        if self.lambda_kp > 0:
+            state["lambda_integral"] = self._lambda
+        self.log_state(pl_module, state)
 
     @typing_extensions.override
     def state_dict(self) -> dict[str, Any]:
         multiplier = {"log_lambda": self._log_lambda} if self.log_space else {"lambda": self._lambda}
-        return {**multiplier, "step": self.step, "initial_entropy": self.initial_entropy}
+        proportional = {"violation": self._violation} if self.lambda_kp > 0 else {}
+        return {**multiplier, "step": self.step, "initial_entropy": self.initial_entropy, **proportional}
 
     @typing_extensions.override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -344,6 +402,11 @@ class EntropyConstraint(Regularizer):
                     f"{self.name} state lacks {name!r} (has {sorted(state_dict)}); was it saved with another "
                     f"log_space setting (now {self.log_space})?"
                 )
+        if self.lambda_kp > 0 and "violation" not in state_dict:
+            raise ConfigError(
+                f"{self.name} state lacks 'violation' (has {sorted(state_dict)}), which the proportional term "
+                f"needs: was it saved with lambda_kp=0 (now {self.lambda_kp})? Resume with that setting"
+            )
         if self.log_space:
             self._log_lambda = float(state_dict["log_lambda"])
         else:
@@ -355,6 +418,9 @@ class EntropyConstraint(Regularizer):
                 )
             self._lambda = saved
         self.step = int(state_dict["step"])
+        if self.lambda_kp > 0:
+            violation = state_dict["violation"]
+            self._violation = None if violation is None else float(violation)
         initial = state_dict["initial_entropy"]
         self.initial_entropy = None if initial is None else float(initial)
 
