@@ -134,7 +134,8 @@ def proportional_integral_multiplier(
     Returns:
         The multiplier the loss uses.
     """
-    return min(max(integral + kp * violation, multiplier_min), multiplier_max)
+    # the same projected step as dual ascent, taken from the integral with the gain as its size
+    return dual_ascent_step(integral, violation, kp, multiplier_max, multiplier_min)
 
 
 def log_dual_ascent_step(log_multiplier: float, violation: float, lr: float, multiplier_max: float) -> float:
