@@ -76,6 +76,25 @@ def import_pyplot() -> Any:
     return plt
 
 
+# legends with more entries than this go to the right of the axes, where they hide no curve
+LEGEND_INSIDE_MAX = 4
+
+
+def save_with_legend(plt: Any, figure: Any, axes: Any, path: Path, fontsize: str | None = None) -> None:
+    """Save the figure with its legend: inside the axes for a few entries, outside on the right for more
+    (the saved image widens to hold it), then close it."""
+    figure.tight_layout()  # before the legend, which would otherwise squeeze the axes to make room for it
+    entries = len(axes.get_legend_handles_labels()[1])
+    if entries > LEGEND_INSIDE_MAX:
+        axes.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=fontsize or "small"
+        )
+    else:
+        axes.legend(fontsize=fontsize)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
 def band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: str, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, series in groups.items():
@@ -87,10 +106,13 @@ def band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: s
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_with_legend(plt, figure, axes, path)
+
+
+def law_text(fit: LawFit) -> str:
+    """The fitted law as it reads: ``0.800 - 0.200 exp(H)``, or ``0.548 + 0.083 exp(H)`` when ``a < 0``."""
+    sign = "-" if fit.a >= 0 else "+"
+    return f"{fit.b:.3f} {sign} {abs(fit.a):.3f} exp(H)"
 
 
 def accuracy_figure(
@@ -110,16 +132,13 @@ def accuracy_figure(
                 grid.tolist(),
                 predict(fit, grid).tolist(),
                 color=points.get_facecolor()[0],
-                label=f"{label}: {fit.b:.3f} - {fit.a:.3f} exp(H), R²={fit.r2:.3f}",
+                label=f"{label}: {law_text(fit)}, R²={fit.r2:.3f}",
             )
     axes.set_xlabel("training entropy H (nats, mean since the previous validation)")
     axes.set_ylabel(ACCURACY)
     axes.set_title("Validation accuracy against entropy, with R = -a exp(H) + b")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_with_legend(plt, figure, axes, path, fontsize="small")
 
 
 def pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> None:
@@ -142,7 +161,4 @@ def pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> N
     axes.set_ylabel("val/pass@k (last validation)")
     axes.set_title("pass@k (min-max over seeds)")
     axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_with_legend(plt, figure, axes, path)

@@ -13,9 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lit_entropy.callbacks.entropy_law import LawFit
 from lit_entropy.errors import ConfigError, DataError
 from lit_entropy.report import early_law_error, early_law_rmse, main
-from lit_entropy.report_figures import aggregate, rolling_mean
+from lit_entropy.report_figures import (
+    LEGEND_INSIDE_MAX,
+    aggregate,
+    band_figure,
+    import_pyplot,
+    law_text,
+    rolling_mean,
+)
 from lit_entropy.run_log import (
     RunLog,
     config_label,
@@ -286,6 +294,33 @@ def test_aggregate_by_hand():
     steps, mean, low, high = aggregate([[(0, 1.0), (1, 2.0)], [(0, 3.0), (2, 5.0)]])
     assert steps == [0, 1, 2]
     assert mean == [2.0, 2.0, 5.0] and low == [1.0, 2.0, 5.0] and high == [3.0, 2.0, 5.0]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the PNG's IHDR chunk (bytes 16-24), read without an image library."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_a_long_legend_goes_beside_the_axes_and_widens_the_image(tmp_path):
+    plt = import_pyplot()
+    series = [[(step, 0.1 * step), (step + 1, 0.2)] for step in range(2)]
+
+    def width(labels: int) -> int:
+        path = tmp_path / f"{labels}.png"
+        band_figure(plt, {f"method-{i}": series for i in range(labels)}, "train/entropy", "t", path)
+        return png_size(path)[0]
+
+    # 7 x 4.5 inches at 120 dpi is 840 px wide; a tight crop of a figure with the legend inside stays within it
+    few, many = width(LEGEND_INSIDE_MAX), width(LEGEND_INSIDE_MAX + 1)
+    assert few <= 840
+    assert many > few + 100  # the legend's column of labels lies to the right of the axes
+
+
+def test_the_law_reads_with_one_sign_whatever_the_sign_of_a():
+    assert law_text(LawFit(a=0.2, b=0.8, r2=0.5)) == "0.800 - 0.200 exp(H)"
+    assert law_text(LawFit(a=-0.0831, b=0.5475, r2=0.1)) == "0.547 + 0.083 exp(H)"
 
 
 def test_validation_pairs_average_the_entropy_since_the_previous_validation():
