@@ -79,6 +79,27 @@ def import_pyplot() -> Any:
 # legends with more entries than this go to the right of the axes, where they hide no curve
 LEGEND_INSIDE_MAX = 4
 
+# matplotlib's default cycle of 10 colours (tab10); past it, the colours repeat with the next line style and marker
+COLOURS = [f"C{i}" for i in range(10)]
+LINE_STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D"]
+
+
+def series_styles(count: int) -> list[dict[str, str]]:
+    """One style per plotted label, no two alike: ten colours, then the ten again with the next line style and
+    marker (a twelve-label figure otherwise draws its eleventh label in the first one's colour)."""
+    styles = []
+    for index in range(count):
+        cycle = (index // len(COLOURS)) % len(LINE_STYLES)
+        styles.append(
+            {
+                "color": COLOURS[index % len(COLOURS)],
+                "linestyle": LINE_STYLES[cycle],
+                "marker": MARKERS[cycle],
+            }
+        )
+    return styles
+
 
 def save_with_legend(plt: Any, figure: Any, axes: Any, path: Path, fontsize: str | None = None) -> None:
     """Save the figure with its legend: inside the axes for a few entries, outside on the right for more
@@ -97,11 +118,17 @@ def save_with_legend(plt: Any, figure: Any, axes: Any, path: Path, fontsize: str
 
 def band_figure(plt: Any, groups: dict[str, list[Series]], ylabel: str, title: str, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, series in groups.items():
+    for (label, series), style in zip(groups.items(), series_styles(len(groups))):
         steps, mean, low, high = aggregate(series)
-        (line,) = axes.plot(steps, mean, label=f"{label} (n={len(series)})")
+        axes.plot(
+            steps,
+            mean,
+            color=style["color"],
+            linestyle=style["linestyle"],
+            label=f"{label} (n={len(series)})",
+        )
         if len(series) > 1:
-            axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            axes.fill_between(steps, low, high, color=style["color"], alpha=0.2, linewidth=0)
     axes.set_xlabel("RL iteration (logged step)")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
@@ -119,19 +146,28 @@ def accuracy_figure(
     plt: Any, groups: dict[str, list[RunLog]], fits: dict[str, LawFit | None], path: Path
 ) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, runs in groups.items():
+    for (label, runs), style in zip(groups.items(), series_styles(len(groups))):
         pairs = [pair for run in runs for pair in validation_pairs(run)]
         if not pairs:
             continue
         entropy = [h for h, _ in pairs]
-        points = axes.scatter(entropy, [r for _, r in pairs], s=14, alpha=0.7, label=label)
+        axes.scatter(
+            entropy,
+            [r for _, r in pairs],
+            s=14,
+            alpha=0.7,
+            color=style["color"],
+            marker=style["marker"],
+            label=label,
+        )
         fit = fits[label]
         if fit is not None:
             grid = torch.linspace(min(entropy), max(entropy), 100, dtype=torch.float64)
             axes.plot(
                 grid.tolist(),
                 predict(fit, grid).tolist(),
-                color=points.get_facecolor()[0],
+                color=style["color"],
+                linestyle=style["linestyle"],
                 label=f"{label}: {law_text(fit)}, R²={fit.r2:.3f}",
             )
     axes.set_xlabel("training entropy H (nats, mean since the previous validation)")
@@ -144,7 +180,7 @@ def accuracy_figure(
 def pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     all_k: set[int] = set()
-    for label, runs in groups.items():
+    for (label, runs), style in zip(groups.items(), series_styles(len(groups))):
         per_run = [last_pass_at_k(run) for run in runs]
         ks = sorted({k for p in per_run for k in p})
         if not ks:
@@ -153,7 +189,7 @@ def pass_at_k_figure(plt: Any, groups: dict[str, list[RunLog]], path: Path) -> N
         values = [[p[k] for p in per_run if k in p] for k in ks]
         mean = [statistics.fmean(v) for v in values]
         errors = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
-        axes.errorbar(ks, mean, yerr=errors, marker="o", capsize=3, label=f"{label} (n={len(runs)})")
+        axes.errorbar(ks, mean, yerr=errors, capsize=3, label=f"{label} (n={len(runs)})", **style)
     if all_k and max(all_k) / min(all_k) >= 8:
         axes.set_xscale("log", base=2)
     axes.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])

@@ -23,6 +23,7 @@ from lit_entropy.report_figures import (
     import_pyplot,
     law_text,
     rolling_mean,
+    series_styles,
 )
 from lit_entropy.run_log import (
     RunLog,
@@ -316,6 +317,27 @@ def test_a_long_legend_goes_beside_the_axes_and_widens_the_image(tmp_path):
     few, many = width(LEGEND_INSIDE_MAX), width(LEGEND_INSIDE_MAX + 1)
     assert few <= 840
     assert many > few + 100  # the legend's column of labels lies to the right of the axes
+
+
+def test_twelve_labels_get_twelve_different_looks(tmp_path, monkeypatch):
+    """Past matplotlib's ten default colours a label must not be drawn like the first one."""
+    plt = import_pyplot()
+    from matplotlib.colors import to_hex
+
+    drawn = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda figure: (drawn.append(figure), close(figure)))
+    series = [[(0, 0.5), (1, 0.4)], [(0, 0.6), (1, 0.3)]]
+    band_figure(plt, {f"method-{i}": series for i in range(12)}, "train/entropy", "t", tmp_path / "e.png")
+    lines = drawn[0].axes[0].get_lines()
+    assert len(lines) == 12
+    looks = {(to_hex(line.get_color()), line.get_linestyle()) for line in lines}
+    assert len(looks) == 12
+    # the first ten differ by colour alone, as matplotlib draws them; the eleventh reuses the first colour, dashed
+    assert len({to_hex(line.get_color()) for line in lines[:10]}) == 10
+    assert to_hex(lines[10].get_color()) == to_hex(lines[0].get_color())
+    assert lines[10].get_linestyle() != lines[0].get_linestyle()
+    assert series_styles(12)[10]["marker"] != series_styles(12)[0]["marker"]
 
 
 def test_the_law_reads_with_one_sign_whatever_the_sign_of_a():
