@@ -98,6 +98,24 @@ def entropy_constraint(label: str, initial: float, tuned_as: str | None = None, 
     )
 
 
+def adaptive_bonus(
+    label: str, initial: float, delta: float, coef_max: float, tuned_as: str | None = None
+) -> Method:
+    """The adaptive bonus's grid: targets of 0.7 and 0.9 of ``initial`` nats, at one step and cap."""
+    return Method(
+        label,
+        [
+            (
+                f"target={t}",
+                [callback("AdaptiveEntropyBonus", target=t, delta=delta, coef_max=coef_max)],
+                [],
+            )
+            for t in (round(0.7 * initial, 2), round(0.9 * initial, 2))
+        ],
+        tuned_as,
+    )
+
+
 def methods(model: str) -> list[Method]:
     """The comparison set. Knob grids are the papers' defaults and one stronger setting."""
     # the scale of the entropy targets (nats): the embedded baseline's first-iteration entropy; for SmolLM2 a
@@ -144,12 +162,12 @@ def methods(model: str) -> list[Method]:
                 for e in (0.4, 0.6)
             ],
         ),
-        Method(
-            "AdaptiveEntropyBonus",
-            [
-                (f"target={t}", [callback("AdaptiveEntropyBonus", target=t, delta=0.002, coef_max=0.05)], [])
-                for t in (round(0.7 * initial, 2), round(0.9 * initial, 2))
-            ],
+        adaptive_bonus("AdaptiveEntropyBonus", initial, delta=0.002, coef_max=0.05),
+        # the same targets with a step 25x larger and TRL's cap: at delta 0.002 the coefficient reaches 0.03 in
+        # 16 iterations, a tenth of the constraint's multiplier at its peak; at 0.05 it reaches 0.3 by the 7th
+        # iteration, about the rate at which the constraint's multiplier rises. Compared at the kept target.
+        adaptive_bonus(
+            "AdaptiveEntropyBonus-fast", initial, tuned_as="AdaptiveEntropyBonus", delta=0.05, coef_max=1.0
         ),
         Method(
             "GSPO",
