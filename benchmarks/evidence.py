@@ -164,7 +164,7 @@ def methods(model: str) -> list[Method]:
         ),
         adaptive_bonus("AdaptiveEntropyBonus", initial, delta=0.002, coef_max=0.05),
         # the same targets with a step 25x larger and TRL's cap: at delta 0.002 the coefficient reaches 0.03 in
-        # 16 iterations, a tenth of the constraint's multiplier at its peak; at 0.05 it reaches 0.3 by the 7th
+        # 16 iterations, a tenth of the constraint's multiplier at its peak; at 0.05 it reached 0.3 by the 8th-10th
         # iteration, about the rate at which the constraint's multiplier rises. Compared at the kept target.
         adaptive_bonus(
             "AdaptiveEntropyBonus-fast", initial, tuned_as="AdaptiveEntropyBonus", delta=0.05, coef_max=1.0
